@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Train and evaluate fold K end to end: data → cache → folds → CNN → stackers → reports → submission.
+#   bash run_fold.sh K [--config FILE.yaml] [--set key=value ...] [--data DIR]
+# K = -1 trains on every fold's images (a final model; no OOF). Re-running after a kill resumes.
+set -euo pipefail
+cd "$(dirname "$0")"
+
+usage() { echo "usage: bash run_fold.sh K [--config FILE.yaml] [--set key=value ...] [--data DIR]" >&2; exit 2; }
+[ $# -ge 1 ] || usage
+fold="$1"; shift
+[[ "$fold" =~ ^-?[0-9]+$ ]] || { echo "error: fold must be an integer (got '$fold')" >&2; usage; }
+
+config_args=(); data_args=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --config) [ $# -ge 2 ] || usage; config_args+=(--config "$2"); shift 2 ;;
+    --set) [ $# -ge 2 ] || usage; config_args+=(--set "$2"); shift 2 ;;
+    --data) [ $# -ge 2 ] || usage; data_args+=(--data "$2"); shift 2 ;;
+    *) echo "error: unknown option '$1'" >&2; usage ;;
+  esac
+done
+
+source scripts/env.sh
+
+# Default input: the user's Kaggle files in input/, else the embedded synthetic set, built once.
+if [ ${#data_args[@]} -eq 0 ] && [ -z "${ICH_DATA:-}" ] && [ ! -f input/stage_2_train.csv ]; then
+  if [ ! -f input/synthetic/.complete ]; then
+    echo "[data] no Kaggle data in input/ and ICH_DATA is unset: building the embedded synthetic set in input/synthetic/"
+    rm -rf input/synthetic
+    "$PY" -m src.synth input/synthetic
+    touch input/synthetic/.complete
+  else
+    echo "[data] using the embedded synthetic set in input/synthetic/ (put Kaggle files in input/ or set ICH_DATA)"
+  fi
+fi
+
+exp="$("$PY" -m src.config "${config_args[@]}" --get exp_name)"
+stage() { echo; echo "== $1"; shift; "$PY" "$@"; }
+
+stage "metadata" -m src.metadata "${data_args[@]}"
+stage "cache" -m src.cache "${data_args[@]}" --size "$("$PY" -m src.config "${config_args[@]}" --get image_size)"
+stage "folds" -m src.folds "${data_args[@]}" --n-folds "$("$PY" -m src.config "${config_args[@]}" --get n_folds)" \
+  --seed "$("$PY" -m src.config "${config_args[@]}" --get fold_seed)"
+stage "train fold $fold" -m src.train --fold "$fold" "${config_args[@]}" "${data_args[@]}"

@@ -1,0 +1,41 @@
+# Sourced by run_fold.sh and scripts/test.sh: sets $PY to a Python that has requirements.txt installed.
+# Uses the current python3 when it already has the pinned packages; otherwise builds .venv/ once
+# (and again whenever requirements.txt changes: the stamp holds its hash).
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+req="$root/requirements.txt"
+stamp="$root/.venv/.requirements.sha1"
+want="$(sha1sum "$req" | cut -d' ' -f1)"
+
+has_packages() {
+  # True when every requirement is installed, at the pinned version where one is pinned.
+  "$1" - "$req" <<'PYEOF' 2>/dev/null
+import importlib.metadata as md
+import sys
+
+for line in open(sys.argv[1]):
+    spec = line.split("#")[0].strip()
+    if not spec:
+        continue
+    name, _, pinned = spec.partition("==")
+    try:
+        have = md.version(name.strip())
+    except md.PackageNotFoundError:
+        sys.exit(1)
+    if pinned and have.split("+")[0] != pinned.strip():
+        sys.exit(1)
+PYEOF
+}
+
+if [ -x "$root/.venv/bin/python" ] && [ "$(cat "$stamp" 2>/dev/null)" = "$want" ]; then
+  PY="$root/.venv/bin/python"
+elif has_packages python3; then
+  PY="$(command -v python3)"
+else
+  echo "[setup] creating $root/.venv from requirements.txt (first run only; a few minutes)"
+  python3 -m venv "$root/.venv" || { echo "error: python3 -m venv failed (install python3-venv)" >&2; exit 1; }
+  "$root/.venv/bin/pip" install --quiet --upgrade pip >/dev/null 2>&1 || true
+  "$root/.venv/bin/pip" install --quiet -r "$req" || { echo "error: pip install -r $req failed" >&2; exit 1; }
+  echo "$want" > "$stamp"
+  PY="$root/.venv/bin/python"
+fi
+export PY

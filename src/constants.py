@@ -1,0 +1,25 @@
+"""Constants shared by every stage: label order, metric weights, CT windows, column names."""
+
+# Kaggle's order of the six labels inside each image's block of rows; prediction tables use it as
+# their column order. Never reshape the CSV by position (sorting by ID puts `any` first).
+LABELS: tuple[str, ...] = ("epidural", "intraparenchymal", "intraventricular", "subarachnoid", "subdural", "any")
+SUBTYPES: tuple[str, ...] = LABELS[:5]
+
+# Competition metric: per-label binary log loss, `any` weighted 2, each subtype 1, divided by 7.
+LABEL_WEIGHTS: tuple[float, ...] = (1.0, 1.0, 1.0, 1.0, 1.0, 2.0)
+# Kaggle clips at 1e-15 when scoring; a confident wrong answer then costs ~34.5.
+METRIC_CLIP = 1e-15
+
+# (name, center HU, width HU); the three cached channels, in this order.
+WINDOWS: tuple[tuple[str, float, float], ...] = (
+    ("brain", 40.0, 80.0),
+    ("subdural", 80.0, 200.0),
+    ("bone", 600.0, 2800.0),
+)
+
+AIR_HU = -1024.0  # padding value: air, not 0 (0 HU is water)
+
+ID_COL = "ID"
+FOLD_COL = "fold"
+VOLUME_COL = "blood_volume_mm3"
+SERIES_KEYS: tuple[str, ...] = ("PatientID", "StudyInstanceUID", "SeriesInstanceUID")

@@ -1,0 +1,112 @@
+"""Models: a timm classifier, and BloodNet (timm encoder + U-Net decoder whose predicted blood volume feeds the head)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import timm
+from torch import nn
+
+from src.config import Config
+from src.constants import LABELS
+from src.errors import InputError
+
+# log1p(mm³ / VOLUME_SCALE) keeps the volume feature O(1): a large bleed is ~10⁴–10⁵ mm³ per slice.
+VOLUME_SCALE_MM3 = 100.0
+
+
+def create_timm(cfg: Config, **kwargs) -> nn.Module:
+    """timm.create_model with an optional local checkpoint; timm adapts the stem for in_chans != 3."""
+    pretrained = bool(cfg.pretrained_path)
+    if pretrained and not __import__("os").path.exists(cfg.pretrained_path):
+        raise InputError(f"{cfg.pretrained_path}: pretrained checkpoint not found (config key pretrained_path)")
+    overlay = {"file": cfg.pretrained_path} if pretrained else None
+    try:
+        return timm.create_model(
+            cfg.backbone, pretrained=pretrained, pretrained_cfg_overlay=overlay, in_chans=cfg.in_chans, **kwargs
+        )
+    except RuntimeError as err:  # timm's "Unknown model" and bad checkpoints both land here
+        raise InputError(f"backbone {cfg.backbone!r}: {str(err).splitlines()[0]}") from err
+
+
+class Classifier(nn.Module):
+    """A timm model with six outputs; the embedding is timm's pre-logits vector."""
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.net = create_timm(cfg, num_classes=len(LABELS), drop_rate=cfg.drop_rate)
+
+    def head_parameters(self) -> list[nn.Parameter]:
+        return list(self.net.get_classifier().parameters())
+
+    def forward(self, image: torch.Tensor, voxel_mm3: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        embedding = self.net.forward_head(self.net.forward_features(image), pre_logits=True)
+        return {"logits": self.net.get_classifier()(embedding), "embedding": embedding}
+
+
+class DecoderBlock(nn.Module):
+    def __init__(self, in_channels: int, skip_channels: int, out_channels: int):
+        super().__init__()
+        self.block = nn.Sequential(
+            nn.Conv2d(in_channels + skip_channels, out_channels, 3, padding=1, bias=False),
+            nn.BatchNorm2d(out_channels),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False),
+            nn.BatchNorm2d(out_channels),
+            nn.ReLU(inplace=True),
+        )
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor | None) -> torch.Tensor:
+        size = skip.shape[-2:] if skip is not None else tuple(2 * s for s in x.shape[-2:])
+        x = F.interpolate(x, size=size, mode="nearest")
+        return self.block(torch.cat([x, skip], dim=1) if skip is not None else x)
+
+
+class SegClassifier(nn.Module):
+    """BloodNet (arch=bloodnet) and its multi-task ablation (arch=multitask).
+
+    The shared encoder feeds a U-Net decoder (per-pixel blood logit at input resolution) and a classification
+    head on the pooled bottleneck. For bloodnet the head also sees log1p(predicted volume): the sum of pixel
+    probabilities × the voxel volume (mm³), as in the paper's Figure 5.
+    """
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.use_volume = cfg.arch == "bloodnet"
+        self.encoder = create_timm(cfg, features_only=True)
+        channels = self.encoder.feature_info.channels()
+        decoder_channels = [max(16, c // 2) for c in channels[:-1]][::-1]
+        self.decoder = nn.ModuleList()
+        in_channels = channels[-1]
+        for skip_channels, out_channels in zip(channels[:-1][::-1], decoder_channels):
+            self.decoder.append(DecoderBlock(in_channels, skip_channels, out_channels))
+            in_channels = out_channels
+        self.seg_head = nn.Conv2d(in_channels, 1, kernel_size=1)
+        self.dropout = nn.Dropout(cfg.drop_rate)
+        self.head = nn.Linear(channels[-1] + int(self.use_volume), len(LABELS))
+
+    def head_parameters(self) -> list[nn.Parameter]:
+        return list(self.head.parameters())
+
+    def forward(self, image: torch.Tensor, voxel_mm3: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        features = self.encoder(image)
+        x = features[-1]
+        for block, skip in zip(self.decoder, features[:-1][::-1]):
+            x = block(x, skip)
+        seg_logits = F.interpolate(self.seg_head(x), size=image.shape[-2:], mode="bilinear", align_corners=False)
+        embedding = features[-1].mean(dim=(2, 3))
+        out = {"seg_logits": seg_logits, "embedding": embedding}
+        if voxel_mm3 is not None:
+            out["volume_mm3"] = torch.sigmoid(seg_logits.float()).sum(dim=(1, 2, 3)) * voxel_mm3.float()
+        head_input = self.dropout(embedding)
+        if self.use_volume:
+            if voxel_mm3 is None:
+                raise ValueError("bloodnet needs voxel_mm3 to turn the predicted mask into a volume")
+            volume_feature = torch.log1p(out["volume_mm3"] / VOLUME_SCALE_MM3).unsqueeze(1).to(embedding.dtype)
+            head_input = torch.cat([head_input, volume_feature], dim=1)
+        out["logits"] = self.head(head_input)
+        return out
+
+
+def build_model(cfg: Config) -> nn.Module:
+    return Classifier(cfg) if cfg.arch == "classifier" else SegClassifier(cfg)

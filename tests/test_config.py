@@ -1,0 +1,50 @@
+"""Config: YAML and --set overrides with type coercion; unknown keys and bad values are clear errors."""
+
+import pytest
+
+from src.config import load_config, run_record
+from src.errors import InputError
+
+
+def test_defaults_and_overrides(tmp_path):
+    yaml_file = tmp_path / "exp.yaml"
+    yaml_file.write_text("backbone: resnet10t\ncontext: 2\naug:\n  hflip: 0.0\n")
+    cfg = load_config(str(yaml_file), ["epochs=3", "aug.coarse_dropout=0", "tta_flip=false", "class_weights=1,1,1,1,1,3"])
+    assert cfg.backbone == "resnet10t" and cfg.context == 2 and cfg.in_chans == 15
+    assert cfg.aug.hflip == 0.0 and cfg.aug.coarse_dropout == 0.0
+    assert cfg.epochs == 3 and cfg.tta_flip is False
+    assert cfg.class_weights == (1.0, 1.0, 1.0, 1.0, 1.0, 3.0)
+    assert cfg.exp_name == "classifier-resnet10t-128px-c2"
+
+
+def test_default_weights_match_metric():
+    assert load_config().class_weights == (1.0, 1.0, 1.0, 1.0, 1.0, 2.0)
+
+
+@pytest.mark.parametrize(
+    "sets, message",
+    [
+        (["nope=1"], "unknown config key 'nope'"),
+        (["aug.nope=1"], "unknown config key 'aug.nope'"),
+        (["epochs=many"], "cannot read 'many' as int"),
+        (["tta_flip=maybe"], "expected true/false"),
+        (["arch=vit"], "arch"),
+        (["epochs"], "expected key=value"),
+    ],
+)
+def test_bad_overrides_raise(sets, message):
+    with pytest.raises(InputError, match=message):
+        load_config(None, sets)
+
+
+def test_unknown_yaml_key_names_the_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("backbon: resnet18\n")
+    with pytest.raises(InputError, match=r"bad\.yaml: unknown config key 'backbon'"):
+        load_config(str(bad))
+
+
+def test_run_record_has_versions_and_git():
+    record = run_record(load_config())
+    assert record["packages"]["torch"].startswith("2.14.1")
+    assert record["config"]["backbone"] == "resnet18" and record["git"]

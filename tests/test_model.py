@@ -1,0 +1,48 @@
+"""Models: output shapes, no NaN, for 3 and 15 input channels (c = 0 and the paper's 5 slices)."""
+
+import pytest
+import torch
+
+from src.config import load_config
+from src.model import build_model
+
+
+@pytest.mark.parametrize("arch", ["classifier", "multitask", "bloodnet"])
+@pytest.mark.parametrize("context", [0, 2])
+def test_forward_shapes_and_finite(arch, context):
+    torch.manual_seed(0)
+    cfg = load_config(None, [f"arch={arch}", f"context={context}", "backbone=resnet10t"])
+    model = build_model(cfg).eval()
+    x = torch.rand(2, cfg.in_chans, 64, 64)
+    with torch.inference_mode():
+        out = model(x, torch.full((2,), 2.5))
+    assert cfg.in_chans == (3 if context == 0 else 15)
+    assert out["logits"].shape == (2, 6) and torch.isfinite(out["logits"]).all()
+    assert out["embedding"].ndim == 2 and out["embedding"].shape[0] == 2 and torch.isfinite(out["embedding"]).all()
+    if arch != "classifier":
+        assert out["seg_logits"].shape == (2, 1, 64, 64)
+        assert (out["volume_mm3"] >= 0).all()
+
+
+def test_pretrained_file_is_loaded_and_stem_adapted(tmp_path):
+    """A local timm checkpoint for 3 channels loads into a 15-channel model (timm adapts the first conv)."""
+    source = build_model(load_config(None, ["backbone=resnet10t"]))
+    path = tmp_path / "resnet10t.pth"
+    torch.save(source.net.state_dict(), path)
+    cfg = load_config(None, ["backbone=resnet10t", "context=2", f"pretrained_path={path}"])
+    model = build_model(cfg)
+    stem = model.net.conv1[0].weight
+    assert stem.shape[1] == 15
+    # timm repeats the 3-channel kernel over the new channels and rescales by 3/15.
+    expected = source.net.conv1[0].weight.repeat(1, 5, 1, 1) * 3 / 15
+    assert torch.allclose(stem, expected, atol=1e-6)
+    deeper = dict(model.net.named_parameters())["layer1.0.conv1.weight"]
+    assert torch.equal(deeper, dict(source.net.named_parameters())["layer1.0.conv1.weight"])
+
+
+def test_missing_pretrained_file_is_a_clear_error(tmp_path):
+    from src.errors import InputError
+
+    cfg = load_config(None, ["backbone=resnet10t", f"pretrained_path={tmp_path / 'nope.pth'}"])
+    with pytest.raises(InputError, match="nope.pth: pretrained checkpoint not found"):
+        build_model(cfg)
