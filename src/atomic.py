@@ -50,9 +50,8 @@ def write_text(text: str, path: str | os.PathLike) -> Path:
 
 
 def write_npy(array: np.ndarray, path: str | os.PathLike) -> Path:
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as fh:
-            np.save(fh, array)
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        np.save(fh, array)
     return Path(path)
 
 

@@ -1,4 +1,4 @@
-"""Training data: slices from the uint8 window cache, with neighbours from the same series (2.5D), masks and augmentation."""
+"""Training data: cached slices with same-series neighbours (2.5D), masks, augmentation."""
 
 from __future__ import annotations
 
@@ -56,8 +56,12 @@ def build_augment(aug: AugConfig) -> A.Compose:
             ),
             A.RandomBrightnessContrast(brightness_limit=0.1, contrast_limit=0.1, p=aug.brightness_contrast),
             A.CoarseDropout(
-                num_holes_range=(1, 4), hole_height_range=(0.05, 0.12), hole_width_range=(0.05, 0.12),
-                fill=0, fill_mask=None, p=aug.coarse_dropout,
+                num_holes_range=(1, 4),
+                hole_height_range=(0.05, 0.12),
+                hole_width_range=(0.05, 0.12),
+                fill=0,
+                fill_mask=None,
+                p=aug.coarse_dropout,
             ),
         ]
     )
@@ -99,7 +103,8 @@ class SliceDataset(Dataset):
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         rows = self.neighbours[i]
         image = self.images[rows].reshape(-1, *self.images.shape[-2:])  # [3*(2c+1), S, S], uint8
-        mask = self.masks[self.mask_row[i]] if self.mask_row[i] >= 0 else np.zeros(image.shape[1:], np.uint8)
+        # np.array copies: a memmap row is read-only and torch.from_numpy warns on it.
+        mask = np.array(self.masks[self.mask_row[i]]) if self.mask_row[i] >= 0 else np.zeros(image.shape[1:], np.uint8)
         if self.augment is not None:
             out = self.augment(image=np.ascontiguousarray(image.transpose(1, 2, 0)), mask=mask)
             image, mask = out["image"].transpose(2, 0, 1), out["mask"]

@@ -1,10 +1,10 @@
-"""Models: a timm classifier, and BloodNet (timm encoder + U-Net decoder whose predicted blood volume feeds the head)."""
+"""Models: a timm classifier, and BloodNet (timm encoder + U-Net decoder; predicted blood volume feeds the head)."""
 
 from __future__ import annotations
 
+import timm
 import torch
 import torch.nn.functional as F
-import timm
 from torch import nn
 
 from src.config import Config

@@ -9,10 +9,13 @@ from pathlib import Path
 from src.errors import InputError
 
 ROOT = Path(__file__).resolve().parent.parent
-WORK = ROOT / "work"
-FOLDS_DIR = ROOT / "folds"
-OOF_DIR = ROOT / "oof"
-SUBMISSIONS_DIR = ROOT / "submissions"
+# Everything the pipeline writes lives under OUT_ROOT: the repository, unless $ICH_OUT points elsewhere
+# (the tests do, so that a test run never touches a user's work/, oof/ or submissions/).
+OUT_ROOT = Path(os.environ["ICH_OUT"]).resolve() if os.environ.get("ICH_OUT") else ROOT
+WORK = OUT_ROOT / "work"
+FOLDS_DIR = OUT_ROOT / "folds"
+OOF_DIR = OUT_ROOT / "oof"
+SUBMISSIONS_DIR = OUT_ROOT / "submissions"
 DEFAULT_INPUT = ROOT / "input"
 SYNTHETIC_INPUT = DEFAULT_INPUT / "synthetic"
 

@@ -26,7 +26,6 @@ from tqdm import tqdm
 from src import outputs
 from src.cache import load_cache
 from src.config import Config, load_config
-from src.constants import LABELS
 from src.data import SliceDataset, build_augment
 from src.errors import InputError, run_cli
 from src.folds import load_folds
@@ -123,12 +122,16 @@ def make_optimizer(cfg: Config, model: nn.Module, head_only: bool) -> torch.opti
     raise InputError(f"config key optimizer: {cfg.optimizer!r} is not adamw or adam")
 
 
-def split_fold(cfg: Config, data_dir: Path, fold: int) -> tuple[pd.DataFrame, pd.DataFrame, np.ndarray, np.ndarray | None]:
+def split_fold(
+    cfg: Config, data_dir: Path, fold: int
+) -> tuple[pd.DataFrame, pd.DataFrame, np.ndarray, np.ndarray | None]:
     meta, images, masks = load_cache(data_dir, cfg.image_size, "train")
     folds = load_folds(data_dir, cfg.n_folds, cfg.fold_seed)
     meta = meta.merge(folds[["ID", "fold"]], on="ID", how="left", validate="one_to_one")
     if meta["fold"].isna().any():
-        raise InputError(f"fold file for {data_dir} misses {int(meta['fold'].isna().sum())} images; delete it to rebuild")
+        raise InputError(
+            f"fold file for {data_dir} misses {int(meta['fold'].isna().sum())} images; delete it to rebuild"
+        )
     meta["fold"] = meta["fold"].astype(int)
     if fold >= cfg.n_folds or fold < -1:
         raise InputError(f"--fold {fold}: expected -1 (all folds) or 0..{cfg.n_folds - 1}")
@@ -140,8 +143,14 @@ def split_fold(cfg: Config, data_dir: Path, fold: int) -> tuple[pd.DataFrame, pd
 def loader_for(ds, cfg: Config, batch_size: int, sampler=None, workers: int | None = None) -> DataLoader:
     workers = cfg.num_workers if workers is None else workers
     return DataLoader(
-        ds, batch_size=batch_size, sampler=sampler, shuffle=False, num_workers=workers,
-        pin_memory=torch.cuda.is_available(), drop_last=False, persistent_workers=False,
+        ds,
+        batch_size=batch_size,
+        sampler=sampler,
+        shuffle=False,
+        num_workers=workers,
+        pin_memory=torch.cuda.is_available(),
+        drop_last=False,
+        persistent_workers=False,
     )
 
 
@@ -149,8 +158,14 @@ def predict_sharded(model, ds, cfg, device, world, rank, amp_dtype, channels_las
     """Each rank predicts every world-th item; rank 0 gathers and restores dataset order."""
     shard = Subset(ds, list(range(rank, len(ds), world)))
     out = predict_loader(
-        unwrap(model), loader_for(shard, cfg, cfg.batch_size * 2), device, tta_flip=tta, amp_dtype=amp_dtype,
-        channels_last=channels_last, progress=rank == 0, desc=desc,
+        unwrap(model),
+        loader_for(shard, cfg, cfg.batch_size * 2),
+        device,
+        tta_flip=tta,
+        amp_dtype=amp_dtype,
+        channels_last=channels_last,
+        progress=rank == 0,
+        desc=desc,
     )
     if world > 1:
         gathered = [None] * world
@@ -183,8 +198,9 @@ def run_fold(cfg: Config, fold: int, data_dir: Path) -> Path:
         model = model.to(memory_format=torch.channels_last)
     if world > 1:
         # find_unused_parameters: BloodNet's phases leave the decoder or the head out of the loss.
-        model = DistributedDataParallel(model, device_ids=[device.index] if is_cuda else None,
-                                        find_unused_parameters=cfg.arch != "classifier")
+        model = DistributedDataParallel(
+            model, device_ids=[device.index] if is_cuda else None, find_unused_parameters=cfg.arch != "classifier"
+        )
     weights = torch.tensor(cfg.class_weights, dtype=torch.float32, device=device)
     phases = phases_for(cfg)
     total_epochs = sum(p.epochs for p in phases)
@@ -226,8 +242,13 @@ def run_fold(cfg: Config, fold: int, data_dir: Path) -> Path:
         if phase.head_only:
             model.eval()  # frozen encoder: keep BatchNorm statistics fixed too
         t0, seen, loss_sum = time.time(), 0, 0.0
-        bar = tqdm(loader, total=steps_per_epoch, desc=f"{tag} epoch {epoch + 1}/{total_epochs} [{phase.name}]",
-                   disable=rank != 0, leave=False)
+        bar = tqdm(
+            loader,
+            total=steps_per_epoch,
+            desc=f"{tag} epoch {epoch + 1}/{total_epochs} [{phase.name}]",
+            disable=rank != 0,
+            leave=False,
+        )
         for step, batch in enumerate(bar):
             if step >= steps_per_epoch:
                 break
@@ -239,8 +260,9 @@ def run_fold(cfg: Config, fold: int, data_dir: Path) -> Path:
                 out = model(x, batch["voxel_mm3"].to(device))
             loss = (1.0 - phase.seg_lambda) * weighted_bce(out["logits"], batch["labels"].to(device), weights)
             if phase.seg_lambda > 0:
-                seg = masked_seg_loss(out["seg_logits"], batch["mask"].to(device), batch["mask_state"].to(device),
-                                      cfg.seg_dice)
+                seg = masked_seg_loss(
+                    out["seg_logits"], batch["mask"].to(device), batch["mask_state"].to(device), cfg.seg_dice
+                )
                 loss = loss + phase.seg_lambda * seg
             elif "seg_logits" in out:
                 loss = loss + 0.0 * out["seg_logits"].sum()  # keeps DDP's gradient buckets complete
@@ -251,16 +273,21 @@ def run_fold(cfg: Config, fold: int, data_dir: Path) -> Path:
             scaler.step(optimizer)
             scaler.update()
             seen += len(x)
-            loss_sum += float(loss) * len(x)
+            loss_sum += loss.detach().item() * len(x)
             bar.set_postfix(loss=f"{loss_sum / seen:.4f}", lr=f"{lr:.2e}")
         bar.close()
-        row = {"epoch": epoch + 1, "phase": phase.name, "train_loss": loss_sum / max(seen, 1),
-               "train_images_per_s": seen * world / max(time.time() - t0, 1e-9)}
+        row = {
+            "epoch": epoch + 1,
+            "phase": phase.name,
+            "train_loss": loss_sum / max(seen, 1),
+            "train_images_per_s": seen * world / max(time.time() - t0, 1e-9),
+        }
 
         improved = False
         if has_valid:
-            pred = predict_sharded(model, valid_ds, cfg, device, world, rank, amp_dtype, channels_last, False,
-                                   f"{tag} valid")
+            pred = predict_sharded(
+                model, valid_ds, cfg, device, world, rank, amp_dtype, channels_last, False, f"{tag} valid"
+            )
             y = valid_ds.labels
             row["valid_wll"] = weighted_log_loss(y, pred["probs"])
             row["valid_auc_any"] = per_class_auc(y, pred["probs"])["any"]
@@ -272,15 +299,21 @@ def run_fold(cfg: Config, fold: int, data_dir: Path) -> Path:
         else:
             improved = True  # training on all folds: the last epoch is the model
         history.append(row)
-        stopped_early = bool(
-            has_valid and cfg.early_stopping and stale >= cfg.early_stopping and phase is phases[-1]
-        )
+        stopped_early = bool(has_valid and cfg.early_stopping and stale >= cfg.early_stopping and phase is phases[-1])
         if rank == 0:
             if improved:
                 outputs.save_checkpoint(model_dir / "best.pt", unwrap(model), cfg, epoch=epoch + 1)
             outputs.save_checkpoint(
-                model_dir / "last.pt", unwrap(model), cfg, epoch=epoch + 1, optimizer=optimizer, phase=phase.name,
-                best=best, stale=stale, history=history, stopped_early=stopped_early,
+                model_dir / "last.pt",
+                unwrap(model),
+                cfg,
+                epoch=epoch + 1,
+                optimizer=optimizer,
+                phase=phase.name,
+                best=best,
+                stale=stale,
+                history=history,
+                stopped_early=stopped_early,
             )
             outputs.write_epochs(history, out_dir, tag)
             shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}
@@ -300,15 +333,25 @@ def run_fold(cfg: Config, fold: int, data_dir: Path) -> Path:
     unwrap(model).load_state_dict(best_state["model"])
     results = {}
     if has_valid:
-        results["valid"] = (valid_meta, predict_sharded(model, valid_ds, cfg, device, world, rank, amp_dtype,
-                                                        channels_last, cfg.tta_flip, f"{tag} valid"))
+        results["valid"] = (
+            valid_meta,
+            predict_sharded(
+                model, valid_ds, cfg, device, world, rank, amp_dtype, channels_last, cfg.tta_flip, f"{tag} valid"
+            ),
+        )
     test_meta, test_images, _ = load_cache(data_dir, cfg.image_size, "test")
     test_ds = SliceDataset(test_meta, test_images, cfg.context, with_labels=False)
-    results["test"] = (test_meta, predict_sharded(model, test_ds, cfg, device, world, rank, amp_dtype,
-                                                  channels_last, cfg.tta_flip, f"{tag} test"))
+    results["test"] = (
+        test_meta,
+        predict_sharded(
+            model, test_ds, cfg, device, world, rank, amp_dtype, channels_last, cfg.tta_flip, f"{tag} test"
+        ),
+    )
     plain_train = SliceDataset(train_meta, images, cfg.context)
-    results["train"] = (train_meta, predict_sharded(model, plain_train, cfg, device, world, rank, amp_dtype,
-                                                    channels_last, False, f"{tag} train"))
+    results["train"] = (
+        train_meta,
+        predict_sharded(model, plain_train, cfg, device, world, rank, amp_dtype, channels_last, False, f"{tag} train"),
+    )
     if rank == 0:
         outputs.write_predictions(out_dir, tag, fold, results, cfg)
         print(f"[train] wrote {out_dir}/{tag}_*")
@@ -322,8 +365,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--fold", type=int, required=True, help="held-out fold; -1 trains on every fold's images")
     parser.add_argument("--config", help="YAML file of config overrides (a path, or a name under configs/)")
-    parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
-                        help="override one config key (repeatable; dotted keys for sections, e.g. aug.hflip=0)")
+    parser.add_argument(
+        "--set",
+        dest="sets",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one config key (repeatable; dotted keys for sections, e.g. aug.hflip=0)",
+    )
     parser.add_argument("--data", help="data directory (Kaggle stage-2 layout); default: $ICH_DATA, input/")
     args = parser.parse_args(argv)
     cfg = load_config(args.config, args.sets)

@@ -9,7 +9,9 @@ from src.errors import InputError
 def test_defaults_and_overrides(tmp_path):
     yaml_file = tmp_path / "exp.yaml"
     yaml_file.write_text("backbone: resnet10t\ncontext: 2\naug:\n  hflip: 0.0\n")
-    cfg = load_config(str(yaml_file), ["epochs=3", "aug.coarse_dropout=0", "tta_flip=false", "class_weights=1,1,1,1,1,3"])
+    cfg = load_config(
+        str(yaml_file), ["epochs=3", "aug.coarse_dropout=0", "tta_flip=false", "class_weights=1,1,1,1,1,3"]
+    )
     assert cfg.backbone == "resnet10t" and cfg.context == 2 and cfg.in_chans == 15
     assert cfg.aug.hflip == 0.0 and cfg.aug.coarse_dropout == 0.0
     assert cfg.epochs == 3 and cfg.tta_flip is False

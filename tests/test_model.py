@@ -44,5 +44,5 @@ def test_missing_pretrained_file_is_a_clear_error(tmp_path):
     from src.errors import InputError
 
     cfg = load_config(None, ["backbone=resnet10t", f"pretrained_path={tmp_path / 'nope.pth'}"])
-    with pytest.raises(InputError, match="nope.pth: pretrained checkpoint not found"):
+    with pytest.raises(InputError, match=r"nope\.pth: pretrained checkpoint not found"):
         build_model(cfg)

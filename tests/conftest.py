@@ -1,0 +1,21 @@
+"""Shared fixtures. Every output of the pipeline goes to a temp folder ($ICH_OUT), never the repository."""
+
+import os
+import tempfile
+from pathlib import Path
+
+# Must be set before any src module is imported: src.paths reads it once.
+os.environ.setdefault("ICH_OUT", tempfile.mkdtemp(prefix="ich-test-out-"))
+os.environ.pop("ICH_DATA", None)
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    """A small embedded synthetic dataset (64 px), generated once per test session."""
+    from src.synth import generate
+
+    out = tmp_path_factory.mktemp("tiny_synth")
+    generate(out, n_studies=14, seed=3, size=64)
+    return out

@@ -1,0 +1,110 @@
+"""Fold training end to end on a tiny synthetic set: OOF rows for exactly the fold, resume after a kill."""
+
+import itertools
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from src import outputs
+from src.cache import load_cache
+from src.config import load_config
+from src.constants import LABELS
+from src.folds import load_folds
+from src.train import lr_at, phase_at, phases_for, run_fold
+
+FAST = [
+    "backbone=resnet10t",
+    "image_size=64",
+    "batch_size=16",
+    "num_workers=0",
+    "tta_flip=false",
+    "limit_train_batches=3",
+]
+
+
+def fast_config(data_dir, exp, *extra):
+    cfg = load_config(None, [*FAST, f"exp={exp}", *extra])
+    cfg.data_dir = str(data_dir)
+    return cfg
+
+
+def test_oof_rows_are_exactly_the_held_out_fold(tiny_data):
+    cfg = fast_config(tiny_data, "t_oof", "epochs=1")
+    out_dir = run_fold(cfg, 1, tiny_data)
+    valid = pd.read_csv(out_dir / "fold1_valid.csv")
+    folds = load_folds(tiny_data, cfg.n_folds, cfg.fold_seed)
+    meta, _, _ = load_cache(tiny_data, 64, "train")  # readable images only: the corrupt file has no row
+    expected = set(folds.loc[folds["fold"] == 1, "ID"]) & set(meta["ID"])
+    assert set(valid["ID"]) == expected and len(valid) == len(expected)
+    assert list(valid.columns[:8]) == ["ID", "fold", *LABELS]
+    probs = valid[list(LABELS)].to_numpy()
+    assert (valid["fold"] == 1).all() and ((probs >= 0) & (probs <= 1)).all()
+    test = pd.read_csv(out_dir / "fold1_test.csv")
+    test_meta, _, _ = load_cache(tiny_data, 64, "test")
+    assert set(test["ID"]) == set(test_meta["ID"])
+    for split, n in (("train", len(meta) - len(expected)), ("valid", len(expected)), ("test", len(test_meta))):
+        emb = np.load(out_dir / f"fold1_{split}_emb.npy")
+        ids = pd.read_csv(out_dir / f"fold1_{split}_emb_ids.csv")
+        assert emb.shape[0] == len(ids) == n and emb.dtype == np.float16 and np.isfinite(emb).all()
+    metrics = json.loads((out_dir / "fold1_metrics.json").read_text())
+    assert metrics["n_images"] == len(expected) and metrics["weighted_log_loss"] > 0
+    record = json.loads((out_dir / "fold1_run.json").read_text())
+    assert record["config"]["exp"] == "t_oof" and "torch" in record["packages"]
+
+
+def test_killed_run_resumes_from_epoch_two(tiny_data, monkeypatch):
+    cfg = fast_config(tiny_data, "t_resume", "epochs=2")
+    real_write = outputs.write_epochs
+
+    def write_then_die(history, out_dir, tag):
+        real_write(history, out_dir, tag)
+        raise KeyboardInterrupt  # the kill lands right after epoch 1's checkpoint
+
+    monkeypatch.setattr(outputs, "write_epochs", write_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run_fold(cfg, 0, tiny_data)
+    first = pd.read_csv(outputs.exp_dir("t_resume") / "fold0_epochs.csv")
+    assert list(first["epoch"]) == [1]
+    monkeypatch.setattr(outputs, "write_epochs", real_write)
+
+    started = []
+    real_phase_at = phase_at
+
+    def spy(phases, epoch):
+        started.append(epoch)
+        return real_phase_at(phases, epoch)
+
+    monkeypatch.setattr("src.train.phase_at", spy)
+    run_fold(cfg, 0, tiny_data)
+    assert started == [1]  # only epoch 2 (index 1) ran again
+    history = pd.read_csv(outputs.exp_dir("t_resume") / "fold0_epochs.csv")
+    assert list(history["epoch"]) == [1, 2]
+    assert history["train_loss"].iloc[0] == first["train_loss"].iloc[0]  # epoch 1 kept, not retrained
+    assert (outputs.exp_dir("t_resume") / "fold0_valid.csv").exists()
+
+
+def test_changed_config_refuses_to_resume(tiny_data):
+    from src.errors import InputError
+
+    run_fold(fast_config(tiny_data, "t_cfg", "epochs=1"), 2, tiny_data)
+    with pytest.raises(InputError, match="lr"):
+        run_fold(fast_config(tiny_data, "t_cfg", "epochs=1", "lr=0.5"), 2, tiny_data)
+
+
+def test_bloodnet_three_step_schedule():
+    cfg = load_config(None, ["arch=bloodnet", "seg_epochs=2", "head_epochs=1", "joint_epochs=3"])
+    phases = phases_for(cfg)
+    assert [(p.name, p.epochs, p.seg_lambda, p.head_only) for p in phases] == [
+        ("segment", 2, 1.0, False),
+        ("head", 1, 0.0, True),
+        ("joint", 3, 0.5, False),
+    ]
+    assert phase_at(phases, 2)[0].name == "head" and phase_at(phases, 5) == (phases[2], 2)
+
+
+def test_lr_schedule_warmup_then_cosine():
+    lrs = [lr_at(s, 100, 10, 1.0) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in itertools.pairwise(lrs[10:])) and lrs[-1] < 0.02
