@@ -188,6 +188,10 @@ def run_fold(cfg: Config, fold: int, data_dir: Path) -> Path:
 
     if rank == 0:
         print(f"[train] exp={exp} {tag} data={data_dir} device={device} world={world}")
+    if rank == 0:  # build caches and folds once, before the other ranks read them
+        load_cache(data_dir, cfg.image_size, "test")
+        split_fold(cfg, data_dir, fold)
+    barrier(world)
     train_meta, valid_meta, images, masks = split_fold(cfg, data_dir, fold)
     has_valid = len(valid_meta) > 0
     train_ds = SliceDataset(train_meta, images, cfg.context, masks, augment=build_augment(cfg.aug))
