@@ -1,0 +1,212 @@
+"""Recurrent level-2 stacker: a small bidirectional GRU over each series' ordered slice features."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.base import BaseEstimator
+from sklearn.model_selection import GroupShuffleSplit
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+from tqdm import tqdm
+
+from src.constants import LABEL_WEIGHTS, LABELS
+
+N_LABELS = len(LABELS)
+PROB_CLIP = 1e-5  # the CNN probabilities enter as logits; 1e-5 keeps them finite (|logit| <= 11.5)
+
+
+def series_segments(series: np.ndarray) -> list[np.ndarray]:
+    """Row indices of each series, in row order; a series' rows must be contiguous (as `assemble_series` gives)."""
+    series = np.asarray(series)
+    if len(series) == 0:
+        return []
+    starts = np.flatnonzero(np.r_[True, series[1:] != series[:-1]])
+    if len(starts) != len(np.unique(series)):
+        raise ValueError("rows of a series are not contiguous; assemble the series first")
+    ends = np.r_[starts[1:], len(series)]
+    return [np.arange(a, b) for a, b in zip(starts, ends)]
+
+
+def pad_batch(rows: list[np.ndarray], *arrays: np.ndarray) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Pad each array's rows per series to [B, T, C] with zeros; returns the lengths [B] and the padded tensors."""
+    lengths = torch.tensor([len(r) for r in rows], dtype=torch.long)
+    t_max = int(lengths.max())
+    out = []
+    for arr in arrays:
+        padded = np.zeros((len(rows), t_max, arr.shape[1]), dtype=np.float32)
+        for b, r in enumerate(rows):
+            padded[b, : len(r)] = arr[r]
+        out.append(torch.from_numpy(padded))
+    return lengths, out
+
+
+def length_mask(lengths: torch.Tensor, t_max: int) -> torch.Tensor:
+    """[B, T] bool, True on real slices, False on padding."""
+    return torch.arange(t_max)[None, :] < lengths[:, None]
+
+
+def reverse_sequences(lengths: torch.Tensor, *tensors: torch.Tensor) -> list[torch.Tensor]:
+    """Reverse each sequence within its own length (padding stays at the end); inputs and labels move together."""
+    t_max = tensors[0].shape[1]
+    t = torch.arange(t_max)[None, :]
+    idx = torch.where(t < lengths[:, None], lengths[:, None] - 1 - t, t)
+    return [x.gather(1, idx[:, :, None].expand(-1, -1, x.shape[2])) for x in tensors]
+
+
+class SliceSequenceNet(nn.Module):
+    """Per-slice projection -> BiGRU over the series -> per-slice logits added to the CNN's own logits."""
+
+    def __init__(self, n_in: int, proj_size: int = 64, hidden_size: int = 64, num_layers: int = 1,
+                 dropout: float = 0.1) -> None:
+        super().__init__()
+        self.proj = nn.Sequential(nn.Linear(n_in, proj_size), nn.LayerNorm(proj_size), nn.GELU(), nn.Dropout(dropout))
+        self.gru = nn.GRU(proj_size, hidden_size, num_layers=num_layers, batch_first=True, bidirectional=True,
+                          dropout=dropout if num_layers > 1 else 0.0)
+        self.head = nn.Linear(2 * hidden_size + proj_size, N_LABELS)
+        # Zero head: training starts exactly at the CNN's predictions and learns a correction to them.
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor, base_logits: torch.Tensor) -> torch.Tensor:
+        """x [B, T, F], lengths [B], base_logits [B, T, 6] -> logits [B, T, 6] (padding positions are junk)."""
+        h = self.proj(x)
+        # Packing keeps the backward direction from starting on padding.
+        packed = pack_padded_sequence(h, lengths.cpu(), batch_first=True, enforce_sorted=False)
+        out, _ = self.gru(packed)
+        out, _ = pad_packed_sequence(out, batch_first=True, total_length=x.shape[1])
+        return base_logits + self.head(torch.cat([out, h], dim=2))
+
+
+def masked_weighted_bce(logits: torch.Tensor, y: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Competition-weighted BCE (any = 2) averaged over real slices only."""
+    weights = torch.tensor(LABEL_WEIGHTS, dtype=logits.dtype, device=logits.device)
+    per = F.binary_cross_entropy_with_logits(logits, y, reduction="none")
+    per_slice = (per * weights).sum(2) / weights.sum()
+    mask = length_mask(lengths, logits.shape[1]).to(logits.device)
+    return (per_slice * mask).sum() / mask.sum()
+
+
+class GRUStacker(BaseEstimator):
+    """Six-label sequence stacker. X [N, F] holds the six CNN probabilities in columns 0..5 then any other per-slice
+    features; `series` [N] names each row's series, rows of a series contiguous and ordered along the normal.
+
+    Early stopping on an inner validation split grouped by `groups` (patients); the best epoch's weights are kept.
+    """
+
+    def __init__(self, hidden_size: int = 64, proj_size: int = 64, num_layers: int = 1, dropout: float = 0.1,
+                 epochs: int = 60, batch_size: int = 16, lr: float = 2e-3, weight_decay: float = 1e-4,
+                 reverse_prob: float = 0.5, valid_fraction: float = 0.15, patience: int = 8,
+                 device: str = "cpu", random_state: int = 0) -> None:
+        self.hidden_size = hidden_size
+        self.proj_size = proj_size
+        self.num_layers = num_layers
+        self.dropout = dropout
+        self.epochs = epochs
+        self.batch_size = batch_size
+        self.lr = lr
+        self.weight_decay = weight_decay
+        self.reverse_prob = reverse_prob
+        self.valid_fraction = valid_fraction
+        self.patience = patience
+        self.device = device
+        self.random_state = random_state
+
+    def _inputs(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        X = np.asarray(X, dtype=np.float32)
+        base = np.log(np.clip(X[:, :N_LABELS], PROB_CLIP, 1 - PROB_CLIP) / np.clip(1 - X[:, :N_LABELS], PROB_CLIP, 1))
+        feats = np.concatenate([base, X[:, N_LABELS:]], axis=1)
+        return ((feats - self.mean_) / self.scale_).astype(np.float32), base.astype(np.float32)
+
+    def _device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    def fit(self, X: np.ndarray, y: np.ndarray, series: np.ndarray, groups: np.ndarray | None = None) -> GRUStacker:
+        X = np.asarray(X, dtype=np.float32)
+        y = np.asarray(y, dtype=np.float32)
+        if X.ndim != 2 or X.shape[1] < N_LABELS or len(y) != len(X) or y.shape[1:] != (N_LABELS,):
+            raise ValueError(f"X must be [N, >=6] and y [N, 6]; got {X.shape} and {y.shape}")
+        self.n_features_in_ = X.shape[1]
+        rng = np.random.RandomState(self.random_state)
+        torch.manual_seed(self.random_state)
+        self.mean_ = np.zeros(X.shape[1], np.float32)
+        self.scale_ = np.ones(X.shape[1], np.float32)
+        raw, _ = self._inputs(X)
+        self.mean_ = raw.mean(0)
+        self.scale_ = np.where(raw.std(0) > 1e-6, raw.std(0), 1.0).astype(np.float32)
+        feats, base = self._inputs(X)
+        segments = series_segments(series)
+        seg_groups = np.array([groups[s[0]] for s in segments]) if groups is not None else np.arange(len(segments))
+        train_seg, valid_seg = np.arange(len(segments)), np.array([], dtype=int)
+        if len(np.unique(seg_groups)) >= 4 and self.valid_fraction > 0:
+            split = GroupShuffleSplit(n_splits=1, test_size=self.valid_fraction, random_state=self.random_state)
+            train_seg, valid_seg = next(split.split(np.zeros(len(segments)), groups=seg_groups))
+        device = self._device()
+        net = SliceSequenceNet(feats.shape[1], self.proj_size, self.hidden_size, self.num_layers, self.dropout)
+        net.to(device)
+        opt = torch.optim.AdamW(net.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        best, best_state, best_epoch, stale = np.inf, copy.deepcopy(net.state_dict()), 0, 0
+        self.history_ = []
+        for epoch in tqdm(range(self.epochs), desc="gru epochs", leave=False):
+            net.train()
+            order = rng.permutation(train_seg)
+            train_loss = 0.0
+            for start in range(0, len(order), self.batch_size):
+                rows = [segments[i] for i in order[start : start + self.batch_size]]
+                lengths, (xb, bb, yb) = pad_batch(rows, feats, base, y)
+                if rng.rand() < self.reverse_prob:
+                    xb, bb, yb = reverse_sequences(lengths, xb, bb, yb)
+                loss = masked_weighted_bce(net(xb.to(device), lengths, bb.to(device)), yb.to(device), lengths)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                train_loss += loss.item() * len(rows)
+            valid_loss = self._loss(net, [segments[i] for i in valid_seg], feats, base, y) if len(valid_seg) else None
+            self.history_.append({"epoch": epoch, "train": train_loss / max(len(order), 1), "valid": valid_loss})
+            if valid_loss is None:
+                best_state, best_epoch = copy.deepcopy(net.state_dict()), epoch
+                continue
+            if valid_loss < best - 1e-6:
+                best, best_state, best_epoch, stale = valid_loss, copy.deepcopy(net.state_dict()), epoch, 0
+            else:
+                stale += 1
+                if stale >= self.patience:
+                    break
+        net.load_state_dict(best_state)
+        self.net_ = net.eval()
+        self.best_epoch_ = best_epoch
+        return self
+
+    def _loss(self, net: nn.Module, rows: list[np.ndarray], feats: np.ndarray, base: np.ndarray,
+              y: np.ndarray) -> float:
+        net.eval()
+        total, count = 0.0, 0
+        with torch.no_grad():
+            for start in range(0, len(rows), 64):
+                chunk = rows[start : start + 64]
+                lengths, (xb, bb, yb) = pad_batch(chunk, feats, base, y)
+                dev = self._device()
+                n = int(lengths.sum())
+                total += float(masked_weighted_bce(net(xb.to(dev), lengths, bb.to(dev)), yb.to(dev), lengths)) * n
+                count += n
+        return total / count
+
+    def predict_proba(self, X: np.ndarray, series: np.ndarray) -> np.ndarray:
+        """[N, 6] probabilities in X's row order."""
+        feats, base = self._inputs(X)
+        out = np.zeros((len(feats), N_LABELS), dtype=np.float64)
+        segments = series_segments(series)
+        dev = self._device()
+        with torch.no_grad():
+            for start in range(0, len(segments), 64):
+                chunk = segments[start : start + 64]
+                lengths, (xb, bb) = pad_batch(chunk, feats, base)
+                prob = torch.sigmoid(self.net_(xb.to(dev), lengths, bb.to(dev))).cpu().numpy()
+                for b, r in enumerate(chunk):
+                    out[r] = prob[b, : len(r)]
+        return out
