@@ -42,3 +42,21 @@ stage "cache" -m src.cache "${data_args[@]}" --size "$("$PY" -m src.config "${co
 stage "folds" -m src.folds "${data_args[@]}" --n-folds "$("$PY" -m src.config "${config_args[@]}" --get n_folds)" \
   --seed "$("$PY" -m src.config "${config_args[@]}" --get fold_seed)"
 stage "train fold $fold" -m src.train --fold "$fold" "${config_args[@]}" "${data_args[@]}"
+
+# Everything below works on whatever predictions exist after this fold (one fold, or all of them).
+if compgen -G "oof/$exp/fold[0-9]*_valid.csv" > /dev/null; then
+  stage "sequence stackers on the available OOF" -m src.stack --exp "$exp" "${data_args[@]}"
+fi
+for pred in "oof/$exp" "oof/${exp}_stack_lgbm" "oof/${exp}_stack_gru" "oof/${exp}_stack_blend"; do
+  if compgen -G "$pred/*_valid.csv" > /dev/null; then
+    stage "report: $pred" -m src.report --pred "$pred" "${data_args[@]}" --triage
+  fi
+done
+best_pred="oof/$exp"
+[ -f "oof/${exp}_stack_blend/stack_test.csv" ] && best_pred="oof/${exp}_stack_blend"
+stage "submission from $best_pred" -m src.submit --pred "$best_pred" --name "${exp}_fold${fold}" "${data_args[@]}"
+data_dir="$("$PY" -c 'import sys; from src.paths import resolve_data_dir; print(resolve_data_dir(sys.argv[1] or None))' "${data_args[1]:-}")"
+stage "check the submission" -m src.submit --check "submissions/${exp}_fold${fold}.csv" \
+  --sample "$data_dir/stage_2_sample_submission.csv"
+echo
+echo "done: predictions in oof/$exp/, reports in oof/*/report/, submission in submissions/${exp}_fold${fold}.csv"

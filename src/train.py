@@ -214,7 +214,7 @@ def run_fold(cfg: Config, fold: int, data_dir: Path) -> Path:
     if state is not None:
         unwrap(model).load_state_dict(state["model"])
         start_epoch, best, stale, history = state["epoch"], state["best"], state["stale"], state["history"]
-        if rank == 0:
+        if rank == 0 and start_epoch < total_epochs and not state.get("stopped_early"):
             print(f"[train] resuming {tag} at epoch {start_epoch + 1}/{total_epochs} from {model_dir / 'last.pt'}")
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
     optimizer, current_phase = None, None

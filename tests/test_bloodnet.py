@@ -1,0 +1,258 @@
+"""BloodNet: volume arithmetic, masked segmentation, the frozen head step, volume error, ablation table, overlays."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from sklearn.metrics import roc_auc_score
+
+from src import bloodnet
+from src.config import load_config
+from src.constants import LABELS, VOLUME_COL
+from src.data import SliceDataset, voxel_volume_mm3
+from src.errors import InputError
+from src.losses import masked_seg_loss, weighted_bce
+from src.metrics import weighted_log_loss
+from src.model import VOLUME_SCALE_MM3, build_model
+from src.outputs import save_checkpoint
+from src.train import make_optimizer
+
+S = 32
+
+
+def _cfg(*sets: str):
+    return load_config(None, ["backbone=resnet10t", "arch=bloodnet", "drop_rate=0", *sets])
+
+
+def _meta(n: int, any_labels: list[int], mask_rows: list[int], rows: int = 512, cols: int = 400) -> pd.DataFrame:
+    frame = pd.DataFrame({
+        "ID": [f"ID_{i:09x}" for i in range(n)], "PatientID": "ID_p", "StudyInstanceUID": "ID_s",
+        "SeriesInstanceUID": "ID_r", "slice_index": np.arange(n), "cache_row": np.arange(n), "mask_row": mask_rows,
+        "rows": rows, "cols": cols, "pixel_spacing_row": 0.45, "pixel_spacing_col": 0.5, "slice_spacing": 5.0,
+    })
+    for name in LABELS:
+        frame[name] = any_labels
+    return frame
+
+
+def test_voxel_volume_of_padded_non_square_image_matches_hand_calculation():
+    # 512 x 400 native pixels are padded to 512 x 512, then resized to 128: one cached pixel = 4 x 4 native pixels.
+    meta = _meta(1, [0], [-1])
+    voxel = float(voxel_volume_mm3(meta, 128)[0])
+    assert math.isclose(voxel, 0.45 * 0.5 * 16 * 5.0, rel_tol=1e-6)  # 18 mm³
+    # A 40 x 40 native-pixel bleed (1800 mm³) is a 10 x 10 cached-pixel bleed: the same volume either way.
+    assert math.isclose(40 * 40 * 0.45 * 0.5 * 5.0, 100 * voxel, rel_tol=1e-6)
+
+
+def test_model_volume_is_probability_sum_times_voxel_and_feeds_the_head():
+    torch.manual_seed(0)
+    model = build_model(_cfg()).eval()
+    with torch.no_grad():
+        model.seg_head.weight.zero_()
+        model.seg_head.bias.fill_(0.0)  # every pixel p = 0.5
+        model.head.weight.zero_()
+        model.head.weight[:, -1] = 1.0  # logits = the volume feature alone
+        model.head.bias.zero_()
+        voxel = torch.tensor([18.0, 2.0])
+        out = model(torch.rand(2, 3, S, S), voxel)
+    expected = 0.5 * S * S * voxel  # 9216 and 1024 mm³
+    assert torch.allclose(out["volume_mm3"], expected, rtol=1e-5)
+    feature = torch.log1p(expected / VOLUME_SCALE_MM3)
+    assert torch.allclose(out["logits"], feature[:, None].expand(2, len(LABELS)), rtol=1e-5)
+    with torch.no_grad():
+        model.seg_head.bias.fill_(-30.0)  # no blood anywhere: zero volume
+        assert float(model(torch.rand(1, 3, S, S), torch.tensor([18.0]))["volume_mm3"]) < 1e-6
+
+
+def test_positive_slice_without_mask_is_unknown_and_left_out_of_seg_loss():
+    meta = _meta(3, [1, 0, 1], [0, -1, -1])  # painted positive, negative, positive without a mask
+    images = np.random.default_rng(0).integers(0, 255, (3, 3, S, S), dtype=np.uint8)
+    masks = np.zeros((1, S, S), np.uint8)
+    masks[0, 4:12, 4:12] = 1
+    ds = SliceDataset(meta, images, masks=masks)
+    assert ds.mask_state.tolist() == [1, 0, -1]
+    batch = {k: torch.stack([ds[i][k] for i in range(3)]) for k in ("mask", "mask_state")}
+    assert int(batch["mask"][0].sum()) == 64 and int(batch["mask"][2].sum()) == 0
+    logits = torch.randn(3, 1, S, S)
+    base = masked_seg_loss(logits, batch["mask"], batch["mask_state"])
+    assert torch.isclose(base, masked_seg_loss(logits[:2], batch["mask"][:2], batch["mask_state"][:2]))
+    logits[2] = 40.0  # "blood everywhere" on the unknown slice must cost nothing
+    assert torch.isclose(base, masked_seg_loss(logits, batch["mask"], batch["mask_state"]))
+
+
+def _head_step(model, cfg, eval_mode: bool, steps: int = 2) -> None:
+    optimizer = make_optimizer(cfg, model, head_only=True)
+    model.train()
+    if eval_mode:
+        model.eval()  # what src.train does in the head phase
+    weights = torch.tensor(cfg.class_weights)
+    for step in range(steps):
+        g = torch.Generator().manual_seed(step)
+        x = torch.rand(4, 3, S, S, generator=g)
+        labels = (torch.rand(4, len(LABELS), generator=g) > 0.5).float()
+        out = model(x, torch.full((4,), 18.0))
+        loss = weighted_bce(out["logits"], labels, weights) + 0.0 * out["seg_logits"].sum()  # λ = 0
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+
+def test_head_phase_changes_only_the_head():
+    torch.manual_seed(0)
+    cfg = _cfg("lr=1e-2")
+    model = build_model(cfg)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    _head_step(model, cfg, eval_mode=True)
+    after = model.state_dict()
+    head = {"head.weight", "head.bias"}
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed == head, f"non-head tensors changed: {sorted(changed - head)[:5]}"
+    assert any("running_mean" in k for k in before)  # the check above covered BatchNorm statistics
+    assert all(not p.requires_grad for n, p in model.named_parameters() if not n.startswith("head."))
+    # Control: in train mode the frozen encoder's BatchNorm statistics would drift, so the check above can fail.
+    torch.manual_seed(0)
+    drifting = build_model(cfg)
+    _head_step(drifting, cfg, eval_mode=False, steps=1)
+    assert not torch.equal(drifting.state_dict()["encoder.bn1.running_mean"], before["encoder.bn1.running_mean"])
+
+
+def test_load_model_round_trip(tmp_path):
+    torch.manual_seed(0)
+    cfg = _cfg("context=1", "pretrained_path=/nowhere/gone.pth")  # the file is never read back
+    model = build_model(load_config(None, ["backbone=resnet10t", "arch=bloodnet", "drop_rate=0", "context=1"]))
+    save_checkpoint(tmp_path / "best.pt", model, cfg, epoch=3)
+    loaded, loaded_cfg = bloodnet.load_model(tmp_path / "best.pt")
+    assert loaded_cfg == cfg and not loaded.training
+    x, voxel = torch.rand(2, 9, S, S), torch.tensor([1.0, 3.0])
+    with torch.no_grad():
+        a, b = model.eval()(x, voxel), loaded(x, voxel)
+    assert torch.equal(a["logits"], b["logits"]) and torch.equal(a["volume_mm3"], b["volume_mm3"])
+    with pytest.raises(InputError, match="checkpoint not found"):
+        bloodnet.load_model(tmp_path / "missing.pt")
+
+
+def _volume_inputs():
+    # Studies A, B, C positive (true 1000, 2000, 500 mm³), D negative; predictions 1100, 1000, 500, 30 mm³.
+    ids = [f"ID_{i}" for i in range(8)]
+    studies = ["A", "A", "B", "B", "C", "C", "D", "D"]
+    true = pd.DataFrame({"ID": ids, "StudyInstanceUID": studies,
+                         VOLUME_COL: [600.0, 400.0, 2000.0, 0.0, 250.0, 250.0, 0.0, 0.0]})
+    pred = pd.DataFrame({"ID": ids, VOLUME_COL: [1000.0, 100.0, 700.0, 300.0, 500.0, 0.0, 10.0, 20.0]})
+    meta = pd.DataFrame({"ID": ids, "StudyInstanceUID": studies, "any": [1, 1, 1, 0, 1, 1, 0, 0]})
+    return pred, meta, true
+
+
+def test_study_volumes_and_mdape_over_positive_studies(tmp_path):
+    pred, meta, true = _volume_inputs()
+    table = bloodnet.study_volumes(pred, meta, true).set_index("StudyInstanceUID")
+    assert table["pred_volume_mm3"].tolist() == [1100.0, 1000.0, 500.0, 30.0]
+    assert table["true_volume_ml"].tolist() == [1.0, 2.0, 0.5, 0.0]
+    assert table["n_positive_slices"].tolist() == [2, 1, 2, 0]
+    assert np.allclose(table["abs_pct_error"].iloc[:3], [10.0, 50.0, 0.0]) and np.isnan(table.loc["D", "abs_pct_error"])
+    summary = bloodnet.volume_summary(table.reset_index())
+    assert summary["mdape_percent"] == pytest.approx(10.0)  # median of 10, 50, 0; the negative study is left out
+    assert summary["n_positive_studies"] == 3 and summary["median_pred_ml_negative_studies"] == pytest.approx(0.03)
+    png = bloodnet.plot_volume_scatter(table.reset_index(), tmp_path / "scatter.png")
+    assert png.stat().st_size > 5000
+    no_truth = bloodnet.study_volumes(pred, meta)
+    assert "mdape_percent" not in bloodnet.volume_summary(no_truth)
+    with pytest.raises(InputError, match="not in the train metadata"):
+        bloodnet.study_volumes(pred, meta.iloc[:-1])
+
+
+def test_read_volume_predictions_needs_the_volume_column(tmp_path):
+    pred, _, _ = _volume_inputs()
+    pred.iloc[:4].to_csv(tmp_path / "fold0_valid.csv", index=False)
+    pred.iloc[4:].to_csv(tmp_path / "fold1_valid.csv", index=False)
+    assert len(bloodnet.read_volume_predictions(tmp_path)) == 8
+    pred.drop(columns=VOLUME_COL).to_csv(tmp_path / "fold1_valid.csv", index=False)
+    with pytest.raises(InputError, match="no blood_volume_mm3 column"):
+        bloodnet.read_volume_predictions(tmp_path)
+
+
+def _ablation_inputs(n_studies: int = 12, per_study: int = 10):
+    rng = np.random.default_rng(0)
+    n = n_studies * per_study
+    labels = pd.DataFrame({"ID": [f"ID_{i:04d}" for i in range(n)],
+                           "StudyInstanceUID": np.repeat([f"S{s}" for s in range(n_studies)], per_study)})
+    y = (rng.random((n, len(LABELS))) < 0.3).astype(int)
+    y[:, -1] = y[:, :-1].max(axis=1)
+    labels[list(LABELS)] = y
+    perfect = 0.1 + 0.8 * y
+    noisy = np.clip(0.5 * y + rng.random(y.shape) * 0.6, 0.01, 0.99)
+    preds = {}
+    for name, p in (("classifier", noisy), ("multitask", np.full(y.shape, 0.3)), ("bloodnet", perfect)):
+        frame = pd.DataFrame(p, columns=list(LABELS))
+        frame.insert(0, "ID", labels["ID"])
+        preds[name] = frame.sample(frac=1.0, random_state=1)  # rows in another order: joined on ID
+    return preds, labels, y, noisy
+
+
+def test_ablation_table_and_markdown():
+    preds, labels, y, noisy = _ablation_inputs()
+    table = bloodnet.ablation_table(preds, labels, n_boot=200).set_index("variant")
+    assert table.loc["bloodnet", "auc_any"] == 1.0 and table.loc["bloodnet", "ci_low"] == 1.0
+    assert table.loc["multitask", "auc_any"] == 0.5
+    expected = roc_auc_score(y[:, -1], noisy[:, -1])
+    row = table.loc["classifier"]
+    assert row["auc_any"] == pytest.approx(expected) and row["ci_low"] < expected < row["ci_high"]
+    assert row["weighted_log_loss"] == pytest.approx(weighted_log_loss(y, noisy))
+    assert row["n_studies"] == 12 and row["n_slices"] == 120 and row["n_boot_valid"] == 200
+    md = bloodnet.ablation_markdown(table.reset_index(), "caption here")
+    assert f"| Single task, classification (`classifier`) | {expected:.4f} |" in md and md.endswith("caption here\n")
+    assert sum(line.startswith("| ") for line in md.splitlines()) == 4 and "epochs run" not in md  # header + 3 variants
+    table["epochs_run"] = [6, 6, 5]
+    assert md.splitlines()[2] + " 6 |" == bloodnet.ablation_markdown(table.reset_index(), "c").splitlines()[2]
+    with pytest.raises(InputError, match="predicts other images"):
+        bloodnet.ablation_table({**preds, "multitask": preds["multitask"].iloc[1:]}, labels, n_boot=10)
+
+
+def test_ablation_configs_share_an_epoch_budget():
+    variants = bloodnet.ablation_configs(_cfg("seg_epochs=2", "head_epochs=1", "joint_epochs=4", "context=2"))
+    assert [v.arch for v in variants.values()] == ["classifier", "multitask", "bloodnet"]
+    assert variants["classifier"].epochs == 7 and len({v.exp_name for v in variants.values()}) == 3
+    assert all(v.context == 2 and v.backbone == "resnet10t" for v in variants.values())
+
+
+def test_pick_studies_and_overlay_png(tmp_path):
+    meta = _meta(6, [1, 1, 0, 0, 1, 0], [0, 1, -1, -1, -1, -1])
+    meta["StudyInstanceUID"] = ["P1", "P1", "N1", "N2", "P2", "P2"]
+    oof = pd.DataFrame({"ID": meta["ID"], "any": [0.9, 0.8, 0.2, 0.6, 0.7, 0.1]})
+    picks = bloodnet.pick_studies(meta, 1, oof)
+    assert picks[0][0] == "P1" and picks[1][0] == "N2" and "0.600" in picks[1][1]
+    assert [s for s, _ in bloodnet.pick_studies(meta, 5)] == ["P1", "P2", "N1"]
+    rows = meta[meta["StudyInstanceUID"] == "P1"].reset_index(drop=True)
+    images = np.random.default_rng(0).integers(0, 255, (6, 3, S, S), dtype=np.uint8)
+    masks = np.zeros((2, S, S), np.uint8)
+    masks[:, 8:16, 8:16] = 1
+    torch.manual_seed(0)
+    cfg = _cfg()
+    pred = bloodnet.predict_study(build_model(cfg).eval(), cfg, rows, images, masks, torch.device("cpu"))
+    assert pred["seg"].shape == (2, S, S) and pred["mask_state"].tolist() == [1, 1]
+    png = bloodnet.plot_study_overlay(rows, pred, images, masks, 2, 0, "P1", tmp_path / "o.png")
+    assert png.stat().st_size > 5000
+
+
+def test_volumes_cli_writes_table_summary_and_plot(tmp_path, monkeypatch):
+    import json
+
+    import src.metadata
+
+    pred, meta, true = _volume_inputs()
+    exp, data = tmp_path / "oof" / "exp", tmp_path / "data"
+    exp.mkdir(parents=True)
+    data.mkdir()
+    pred.to_csv(exp / "fold0_valid.csv", index=False)
+    true.to_csv(data / "true_volumes.csv", index=False)
+    monkeypatch.setattr(src.metadata, "load_metadata", lambda data_dir, split: meta)
+    assert bloodnet.main(["volumes", "--pred", str(exp), "--data", str(data)]) == 0
+    summary = json.loads((exp / "bloodnet" / "volume_summary.json").read_text())
+    assert summary["mdape_percent"] == pytest.approx(10.0) and summary["n_studies"] == 4
+    assert len(pd.read_csv(exp / "bloodnet" / "study_volumes.csv")) == 4
+    assert (exp / "bloodnet" / "volume_scatter.png").stat().st_size > 5000
+    with pytest.raises(InputError, match="not found"):
+        bloodnet.main(["volumes", "--pred", str(tmp_path / "nope"), "--data", str(data)])
