@@ -73,7 +73,8 @@ def plot_curves(
         for row in marks.itertuples(index=False):
             ax.plot(row.recall, row.precision, "o", ms=5, label=f"P>={row.target_precision:g}: R={row.recall:.3f}")
         ax.set(xlabel="recall", ylabel="precision", xlim=(0, 1.01), ylim=(0, 1.01), title=f"{prefix}{name}: PR")
-        ax.legend(loc="lower left", fontsize=7)
+        if ax.get_legend_handles_labels()[1]:
+            ax.legend(loc="lower left", fontsize=7)
         written.append(_save(fig, out_dir / f"{prefix}pr_{name}.png"))
 
         fig = Figure(figsize=(4.5, 4.5))
@@ -92,6 +93,7 @@ def plot_curves(
             ylim=(0, 1.01),
             title=f"{prefix}{name}: ROC",
         )
-        ax.legend(loc="lower right", fontsize=7)
+        if ax.get_legend_handles_labels()[1]:  # no curve when a class has no positives
+            ax.legend(loc="lower right", fontsize=7)
         written.append(_save(fig, out_dir / f"{prefix}roc_{name}.png"))
     return written
