@@ -15,18 +15,18 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import torch  # noqa: E402
+import torch
 
-from src.atomic import write_json, write_text  # noqa: E402
-from src.cache import load_cache  # noqa: E402
-from src.config import load_config  # noqa: E402
-from src.constants import LABEL_WEIGHTS  # noqa: E402
-from src.data import SliceDataset, build_augment  # noqa: E402
-from src.losses import weighted_bce  # noqa: E402
-from src.model import build_model  # noqa: E402
-from src.paths import WORK, resolve_data_dir  # noqa: E402
-from src.predict import to_input  # noqa: E402
-from src.train import loader_for  # noqa: E402
+from src.atomic import write_json, write_text
+from src.cache import load_cache
+from src.config import load_config
+from src.constants import LABEL_WEIGHTS
+from src.data import SliceDataset, build_augment
+from src.losses import weighted_bce
+from src.model import build_model
+from src.paths import WORK, resolve_data_dir
+from src.predict import to_input
+from src.train import loader_for
 
 
 def loader_rate(ds, cfg, batches: int) -> float:
@@ -91,19 +91,29 @@ def main(argv: list[str] | None = None) -> int:
     train = train_rate(ds, cfg, max(3, args.batches // 4))
     infer = inference_ms(ds, cfg, max(3, args.batches // 4))
     result = {
-        "exp": cfg.exp_name, "backbone": cfg.backbone, "arch": cfg.arch, "image_size": cfg.image_size,
-        "in_chans": cfg.in_chans, "batch_size": cfg.batch_size, "num_workers": cfg.num_workers,
+        "exp": cfg.exp_name,
+        "backbone": cfg.backbone,
+        "arch": cfg.arch,
+        "image_size": cfg.image_size,
+        "in_chans": cfg.in_chans,
+        "batch_size": cfg.batch_size,
+        "num_workers": cfg.num_workers,
         "torch_threads": torch.get_num_threads(),
-        "loader_images_per_s": loader, "train_images_per_s": train, "loader_to_train_ratio": loader / train,
-        "inference_ms_per_slice": infer, "goal_ratio": 2.0,
+        "loader_images_per_s": loader,
+        "train_images_per_s": train,
+        "loader_to_train_ratio": loader / train,
+        "inference_ms_per_slice": infer,
+        "goal_ratio": 2.0,
     }
     table = (
         "| loader images/s | model training images/s | loader / training | inference ms/slice (CPU) |\n"
         "|---|---|---|---|\n"
         f"| {loader:.0f} | {train:.1f} | {loader / train:.1f}x (goal >= 2x) | {infer:.1f} |\n"
     )
-    header = (f"{cfg.arch} {cfg.backbone}, {cfg.image_size} px, in_chans {cfg.in_chans}, batch {cfg.batch_size}, "
-              f"{cfg.num_workers} loader worker(s), {torch.get_num_threads()} torch threads\n\n")
+    header = (
+        f"{cfg.arch} {cfg.backbone}, {cfg.image_size} px, in_chans {cfg.in_chans}, batch {cfg.batch_size}, "
+        f"{cfg.num_workers} loader worker(s), {torch.get_num_threads()} torch threads\n\n"
+    )
     print(header + table)
     write_json(result, WORK / "bench" / "train_throughput.json")
     write_text(header + table, WORK / "bench" / "train_throughput.md")
