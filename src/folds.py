@@ -48,9 +48,14 @@ def load_folds(data_dir: str | os.PathLike, n_folds: int = 5, seed: int = 42) ->
     """paths.folds_csv for (data, k, seed), built from the train metadata and written if missing."""
     data_dir = Path(data_dir).resolve()
     out = paths.folds_csv(n_folds, seed, data_dir)
+    meta = load_metadata(data_dir, "train")
     if out.exists():
-        return pd.read_csv(out, dtype={ID_COL: str, "PatientID": str, "StudyInstanceUID": str})
-    folds = make_folds(load_metadata(data_dir, "train"), n_folds, seed)
+        folds = pd.read_csv(out, dtype={ID_COL: str, "PatientID": str, "StudyInstanceUID": str})
+        if set(folds[ID_COL]) == set(meta[ID_COL]):
+            return folds
+        # The data changed under the same folder name: folds (and any OOF made with them) are stale.
+        print(f"{out}: does not match the images in {data_dir}; rebuilding it (re-train folds made with the old one)")
+    folds = make_folds(meta, n_folds, seed)
     write_csv(folds, out)
     counts = folds.groupby(FOLD_COL).agg(images=(ID_COL, "size"), patients=("PatientID", "nunique"))
     print(f"wrote {out}\n{counts.to_string()}")
