@@ -33,8 +33,8 @@ class Config:
     n_folds: int = 5
     fold_seed: int = 42
     # model
-    arch: str = "classifier"  # classifier | multitask | bloodnet (segmentation-dependent classification)
-    backbone: str = "resnet18"  # any timm model name
+    arch: str = "bloodnet"  # bloodnet (segmentation-dependent classification) | multitask | classifier
+    backbone: str = "resnet10t"  # any timm model name; resnet10t fits the 2-core CPU budget of the default run
     pretrained_path: str = ""  # a local timm checkpoint file; nothing is ever downloaded
     context: int = 0  # neighbour slices on each side: in_chans = 3 windows x (2*context + 1)
     drop_rate: float = 0.1

@@ -16,7 +16,7 @@ def test_defaults_and_overrides(tmp_path):
     assert cfg.aug.hflip == 0.0 and cfg.aug.coarse_dropout == 0.0
     assert cfg.epochs == 3 and cfg.tta_flip is False
     assert cfg.class_weights == (1.0, 1.0, 1.0, 1.0, 1.0, 3.0)
-    assert cfg.exp_name == "classifier-resnet10t-128px-c2"
+    assert cfg.exp_name == "bloodnet-resnet10t-128px-c2"
 
 
 def test_default_weights_match_metric():
@@ -49,4 +49,4 @@ def test_unknown_yaml_key_names_the_file(tmp_path):
 def test_run_record_has_versions_and_git():
     record = run_record(load_config())
     assert record["packages"]["torch"].startswith("2.14.1")
-    assert record["config"]["backbone"] == "resnet18" and record["git"]
+    assert record["config"]["backbone"] == "resnet10t" and record["git"]

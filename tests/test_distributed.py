@@ -18,7 +18,9 @@ def test_torchrun_two_cpu_processes(tiny_data):
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
         "-m", "src.train", "--fold", "0", "--set", f"exp={exp}", "--set", "backbone=resnet10t",
-        "--set", "image_size=64", "--set", "epochs=1", "--set", "limit_train_batches=2", "--set", "num_workers=0",
+        "--set", "image_size=64", "--set", "arch=bloodnet",
+        "--set", "seg_epochs=1", "--set", "head_epochs=1", "--set", "joint_epochs=1",
+        "--set", "limit_train_batches=2", "--set", "num_workers=0",
         "--set", "batch_size=8", "--set", "tta_flip=false",
     ]
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400, check=False)
@@ -42,4 +44,5 @@ def test_torchrun_two_cpu_processes(tiny_data):
     ids = pd.read_csv(out / "fold0_valid_emb_ids.csv")
     assert emb.shape[0] == len(ids) == len(expected)
     epochs = pd.read_csv(out / "fold0_epochs.csv")
-    assert list(epochs["epoch"]) == [1]
+    assert list(epochs["epoch"]) == [1, 2, 3] and list(epochs["phase"]) == ["segment", "head", "joint"]
+    assert "blood_volume_mm3" in valid.columns

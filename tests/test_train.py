@@ -15,6 +15,7 @@ from src.folds import load_folds
 from src.train import lr_at, phase_at, phases_for, run_fold
 
 FAST = [
+    "arch=classifier",
     "backbone=resnet10t",
     "image_size=64",
     "batch_size=16",
