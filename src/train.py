@@ -194,6 +194,9 @@ def run_fold(cfg: Config, fold: int, data_dir: Path) -> Path:
     barrier(world)
     train_meta, valid_meta, images, masks = split_fold(cfg, data_dir, fold)
     has_valid = len(valid_meta) > 0
+    if rank == 0 and cfg.arch != "classifier" and (masks is None or (train_meta["mask_row"] < 0).all()):
+        print(f"[train] warning: {data_dir} has no masks/: the segmentation branch only learns from known-empty "
+              "slices (any = 0), so its volume feature carries little; consider arch=classifier")
     train_ds = SliceDataset(train_meta, images, cfg.context, masks, augment=build_augment(cfg.aug))
     valid_ds = SliceDataset(valid_meta, images, cfg.context, masks) if has_valid else None
 
