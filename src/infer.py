@@ -1,0 +1,423 @@
+"""Triage new head-CT studies: DICOM files, folders or zips -> per-study verdict, probabilities, volume, overlays."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+import zipfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from src import paths
+from src.atomic import atomic_path, write_csv, write_json
+from src.bloodnet import load_model
+from src.config import Config
+from src.constants import ID_COL, LABELS, VOLUME_COL, WINDOWS
+from src.data import SliceDataset
+from src.dicom import DicomError, read_header, read_hu, to_channels
+from src.errors import InputError, run_cli
+from src.metadata import order_series
+from src.predict import to_input
+from src.thresholds import RADNET_RUN, apply_thresholds, flag_name
+
+STUDY, SERIES = "StudyInstanceUID", "SeriesInstanceUID"
+DEFAULT_PRECISION = 0.8
+# Without a saved thresholds.json (python -m src.report) flags fall back to p >= 0.5, and every output says so.
+DEFAULT_THRESHOLD = 0.5
+N_TOP_SLICES = 5
+MAX_OVERLAYS = 8  # per study: the flagged slices with the highest p(any)
+OVERLAY_MIN_PX = 256  # overlays are drawn at least this large (models often run at 128 px)
+SEG_CUTOFF = 0.5  # pixel probability drawn as blood in the overlays
+MAX_ZIP_BYTES = 4 << 30  # uncompressed; a zip bomb is refused, not extracted
+SKIPPED_COLUMNS = ["path", "reason"]
+SLICE_COLUMNS = [STUDY, SERIES, ID_COL, "slice_index", "position", *LABELS, VOLUME_COL, "path"]
+SUBDURAL = [name for name, _, _ in WINDOWS].index("subdural")
+
+
+# ---------------------------------------------------------------- reading files
+
+
+def _expand(inputs: Sequence[str | os.PathLike], tmp: Path) -> tuple[list[tuple[Path, str]], list[tuple[str, str]]]:
+    """(file on disk, name shown to the user) for every file under the inputs; zips (given or inside a folder)
+    are extracted into tmp."""
+    files: list[tuple[Path, str]] = []
+    skipped: list[tuple[str, str]] = []
+    found = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            found += sorted(p for p in item.rglob("*") if p.is_file())
+        elif item.exists():
+            found.append(item)
+        else:
+            skipped.append((str(item), "file not found"))
+    for k, item in enumerate(found):
+        if item.suffix.lower() != ".dcm" and zipfile.is_zipfile(item):
+            files += _unzip(item, tmp / f"zip{k}", skipped)
+        else:
+            files.append((item, str(item)))
+    return files, skipped
+
+
+def _unzip(archive: Path, dest: Path, skipped: list[tuple[str, str]]) -> list[tuple[Path, str]]:
+    try:
+        with zipfile.ZipFile(archive) as zf:
+            members = [m for m in zf.infolist() if not m.is_dir()]
+            if sum(m.file_size for m in members) > MAX_ZIP_BYTES:
+                skipped.append((str(archive), f"zip holds more than {MAX_ZIP_BYTES >> 30} GiB uncompressed"))
+                return []
+            # extract() strips absolute paths and `..`, so a member cannot land outside dest.
+            return [(Path(zf.extract(m, dest)), f"{archive}!{m.filename}") for m in members]
+    except (zipfile.BadZipFile, OSError, RuntimeError) as err:  # RuntimeError: an encrypted member
+        skipped.append((str(archive), f"unreadable zip: {err}"))
+        return []
+
+
+def _read_slice(path: Path, name: str, image_size: int) -> tuple[dict, np.ndarray]:
+    h = read_header(path)
+    iop = np.asarray(h["ImageOrientationPatient"], dtype=np.float64)
+    normal = np.cross(iop[:3], iop[3:])
+    if not np.isfinite(normal).all() or np.linalg.norm(normal) < 1e-6:
+        raise DicomError(name, f"ImageOrientationPatient {tuple(iop)} does not define a slice plane")
+    hu = read_hu(path)
+    ipp = np.asarray(h["ImagePositionPatient"], dtype=np.float64)
+    row = {
+        "sop": h["ID"], "PatientID": h["PatientID"], STUDY: h[STUDY], SERIES: h[SERIES],
+        # On the slice normal: correct order under gantry tilt, unlike z or InstanceNumber.
+        "position": float(np.dot(ipp, normal / np.linalg.norm(normal))),
+        "pixel_spacing_row": h["PixelSpacing"][0], "pixel_spacing_col": h["PixelSpacing"][1],
+        "rows": hu.shape[0], "cols": hu.shape[1], "path": name, "stem": Path(name.split("!")[-1]).stem,
+    }
+    return row, to_channels(hu, image_size)
+
+
+def load_study_files(
+    inputs: Sequence[str | os.PathLike], image_size: int, progress: bool = False
+) -> tuple[pd.DataFrame, np.ndarray, pd.DataFrame]:
+    """Read every file under the inputs (files, folders, zips) -> (slices, images, skipped).
+
+    slices: one row per usable slice, ordered by series then position on the slice normal, with the columns of
+    docs/formats.md's metadata table (slice_index, slice_spacing, ...); images: uint8 [N, 3, S, S] aligned with it;
+    skipped: `path, reason` for every file that was not used (not DICOM, no geometry, undecodable pixels, duplicate).
+    """
+    rows, images = [], []
+    with tempfile.TemporaryDirectory(prefix="ich-infer-") as tmp:
+        files, skipped = _expand(inputs, Path(tmp))
+        seen: dict[str, str] = {}
+        for path, name in tqdm(files, desc="read DICOM", disable=not progress, leave=False):
+            try:
+                row, img = _read_slice(path, name, image_size)
+            except DicomError as err:
+                skipped.append((name, err.reason))
+                continue
+            except Exception as err:  # a user's file must never stop the study: report it like a bad file
+                skipped.append((name, f"cannot be used: {type(err).__name__}: {err}"))
+                continue
+            if row["sop"] in seen:
+                skipped.append((name, f"duplicate SOPInstanceUID {row['sop']} (same image as {seen[row['sop']]})"))
+                continue
+            seen[row["sop"]] = name
+            rows.append(row)
+            images.append(img)
+    skipped_df = pd.DataFrame(skipped, columns=SKIPPED_COLUMNS)
+    if not rows:
+        return pd.DataFrame(columns=SLICE_COLUMNS), np.zeros((0, 3, image_size, image_size), np.uint8), skipped_df
+    slices = pd.DataFrame(rows)
+    # Kaggle names files after the image id; elsewhere names repeat across folders, so fall back to the SOP UID.
+    slices[ID_COL] = slices["stem"].where(~slices["stem"].duplicated(keep=False), slices["sop"])
+    slices["order"] = np.arange(len(slices))
+    slices = order_series(slices.drop(columns=["stem"]))
+    return slices.drop(columns=["order", "sop"]), np.stack(images)[slices["order"].to_numpy()], skipped_df
+
+
+# ---------------------------------------------------------------- models
+
+
+@dataclass
+class Ensemble:
+    """The fold models of one experiment, averaged, and the thresholds their flags use."""
+
+    exp: str
+    cfg: Config
+    models: list[nn.Module]
+    checkpoints: list[Path]
+    thresholds: dict
+    thresholds_source: str
+    has_seg: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.has_seg = self.cfg.arch != "classifier"
+
+    def describe(self) -> str:
+        names = ", ".join(p.parent.name for p in self.checkpoints)
+        c = self.cfg
+        return (f"mean of {len(self.models)} CNN fold models of {self.exp} ({names}; {c.arch}/{c.backbone} "
+                f"{c.image_size} px, context {c.context}); no fitted stacker is saved for reuse")
+
+
+def find_checkpoints(exp: str | None = None) -> tuple[str, list[Path]]:
+    """(exp, its fold*/best.pt and full/best.pt); without exp, the experiment with the newest checkpoint."""
+    root = paths.WORK / "models"
+    if exp is None:
+        found = sorted(root.glob("*/*/best.pt"), key=lambda p: p.stat().st_mtime)
+        if not found:
+            raise InputError(f"{root}: no trained models (*/fold*/best.pt); train one with python -m src.train")
+        exp = found[-1].parent.parent.name
+    ckpts = sorted((root / exp).glob("fold*/best.pt")) + sorted((root / exp).glob("full/best.pt"))
+    if not ckpts:
+        raise InputError(f"{root / exp}: no fold*/best.pt checkpoints for experiment {exp}")
+    return exp, ckpts
+
+
+def default_thresholds(precision: float, value: float = DEFAULT_THRESHOLD) -> dict:
+    """A thresholds.json payload (src.thresholds.thresholds_to_dict's shape) with one fixed threshold everywhere."""
+    point = {"threshold": value}
+    levels = {lvl: {n: {f"{precision:g}": point} for n in LABELS} for lvl in ("slice", "study_max", "study_radnet")}
+    return {"radnet_run": RADNET_RUN, "precisions": [precision], "levels": levels}
+
+
+def load_thresholds(exp: str, precision: float) -> tuple[dict, str]:
+    """oof/<exp>/report/thresholds.json when it holds the precision, else the documented default."""
+    import json
+
+    path = paths.OOF_DIR / exp / "report" / "thresholds.json"
+    if not path.exists():
+        return default_thresholds(precision), f"default p >= {DEFAULT_THRESHOLD} ({path} not found)"
+    try:
+        saved = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise InputError(f"{path}: not valid JSON ({err})") from err
+    have = {f"{float(p):g}" for p in saved.get("precisions", [])}
+    if f"{precision:g}" not in have:
+        raise InputError(f"{path}: no thresholds at precision {precision:g} (has {', '.join(sorted(have))}); "
+                         "pick one of those with --threshold-precision")
+    return saved, f"{path} (fixed precision {precision:g} on the OOF predictions)"
+
+
+def load_ensemble(exp: str | None = None, precision: float = DEFAULT_PRECISION) -> Ensemble:
+    """Every checkpoint of the experiment, on CPU, eval mode, channels_last; they must share input geometry."""
+    exp, ckpts = find_checkpoints(exp)
+    models, cfg = [], None
+    for path in ckpts:
+        model, c = load_model(path)
+        if cfg is not None and (c.image_size, c.context, c.arch) != (cfg.image_size, cfg.context, cfg.arch):
+            raise InputError(f"{path}: image_size/context/arch differ from {ckpts[0]}; one experiment, one geometry")
+        cfg = cfg or c
+        models.append(model.to(memory_format=torch.channels_last).eval())
+    thresholds, source = load_thresholds(exp, precision)
+    return Ensemble(exp, cfg, models, ckpts, thresholds, source)
+
+
+@torch.inference_mode()
+def run_models(ens: Ensemble, slices: pd.DataFrame, images: np.ndarray, batch_size: int = 32,
+               tta: bool | None = None) -> dict[str, np.ndarray]:
+    """Mean over models (and the flip view when the config used it) of probs [N, 6], volume_mm3 [N], seg [N, S, S]."""
+    tta = ens.cfg.tta_flip if tta is None else tta
+    ds = SliceDataset(slices.assign(cache_row=np.arange(len(slices))), images, ens.cfg.context, with_labels=False)
+    n, size = len(ds), images.shape[-1]
+    probs = np.zeros((n, len(LABELS)), np.float32)
+    volume = np.zeros(n, np.float32)
+    seg = np.zeros((n, size, size), np.float32) if ens.has_seg else None
+    views = (False, True) if tta else (False,)
+    k = len(ens.models) * len(views)
+    for start in range(0, n, batch_size):
+        idx = slice(start, min(start + batch_size, n))
+        batch = np.stack([ds[i]["image"].numpy() for i in range(idx.start, idx.stop)])
+        x = to_input(torch.from_numpy(batch), torch.device("cpu"), True)
+        voxel = torch.from_numpy(ds.voxel_mm3[idx])
+        for model in ens.models:
+            for flipped in views:
+                out = model(torch.flip(x, dims=[-1]) if flipped else x, voxel)
+                probs[idx] += torch.sigmoid(out["logits"].float()).numpy() / k
+                if seg is not None:
+                    s = torch.sigmoid(out["seg_logits"][:, 0].float())
+                    seg[idx] += (torch.flip(s, dims=[-1]) if flipped else s).numpy() / k
+                    volume[idx] += out["volume_mm3"].float().numpy() / k
+    return {"probs": probs, "volume_mm3": volume if seg is not None else None, "seg": seg}
+
+
+# ---------------------------------------------------------------- one study
+
+
+def overlay_png(image: np.ndarray, seg: np.ndarray | None) -> bytes:
+    """PNG of the subdural window (channel of image [3, S, S]) with predicted blood (p >= SEG_CUTOFF) in red."""
+    gray = image[SUBDURAL].astype(np.float32)
+    rgb = np.repeat(gray[..., None], 3, axis=2)
+    if seg is not None:
+        blood = (seg >= SEG_CUTOFF)[..., None]
+        rgb = np.where(blood, 0.45 * rgb + 0.55 * np.array([255.0, 30.0, 30.0]), rgb)  # RGB order
+        contours, _ = cv2.findContours((seg >= SEG_CUTOFF).astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+    bgr = np.ascontiguousarray(rgb[..., ::-1]).clip(0, 255).astype(np.uint8)
+    if seg is not None and contours:
+        cv2.drawContours(bgr, contours, -1, (0, 255, 255), 1)
+    side = max(OVERLAY_MIN_PX, bgr.shape[0])
+    bgr = cv2.resize(bgr, (side, side), interpolation=cv2.INTER_NEAREST) if side != bgr.shape[0] else bgr
+    ok, buf = cv2.imencode(".png", bgr)
+    if not ok:
+        raise RuntimeError("cv2 could not encode the overlay PNG")
+    return buf.tobytes()
+
+
+def predict_study(ens: Ensemble, slices: pd.DataFrame, images: np.ndarray, precision: float = DEFAULT_PRECISION,
+                  batch_size: int = 32, tta: bool | None = None) -> dict:
+    """One study's result: verdict, max-over-slices probabilities, flags, volume (mL), top slices, per-slice rows,
+    and `overlays` (PNG bytes of flagged slices). `slices`/`images` hold that study's rows only, in any order."""
+    studies = slices[STUDY].unique()
+    if len(studies) != 1:
+        raise InputError(f"predict_study: expected one study, got {len(studies)}")
+    slices = slices.reset_index(drop=True)
+    t0 = time.perf_counter()
+    out = run_models(ens, slices, images, batch_size, tta)
+    seconds = time.perf_counter() - t0
+    p = out["probs"]
+    per_slice, per_study = apply_thresholds(slices, p, ens.thresholds)
+    study_row = per_study.iloc[0]
+    key = f"{precision:g}"
+    study_thr = {n: (ens.thresholds["levels"].get("study_max", {}).get(n, {}).get(key) or {}).get("threshold")
+                 for n in LABELS}
+    flags = {n: bool(study_row.get(f"max_{flag_name(n, precision)}", False)) for n in LABELS}
+    slice_flag = per_slice.get(flag_name("any", precision), pd.Series(False, index=per_slice.index)).to_numpy(bool)
+    any_j = LABELS.index("any")
+    table = slices[[STUDY, SERIES, ID_COL, "slice_index", "position", "path"]].copy()
+    for j, name in enumerate(LABELS):
+        table[name] = p[:, j]
+    table[VOLUME_COL] = out["volume_mm3"] if out["volume_mm3"] is not None else np.nan
+    table["flag_any"] = slice_flag
+    top = np.argsort(-p[:, any_j], kind="stable")[:N_TOP_SLICES]
+    flagged = [i for i in np.argsort(-p[:, any_j], kind="stable") if slice_flag[i]][:MAX_OVERLAYS]
+    overlays = [{"ID": slices[ID_COL].iloc[i], "series": slices[SERIES].iloc[i],
+                 "slice_index": int(slices["slice_index"].iloc[i]), "any": float(p[i, any_j]),
+                 "volume_mm3": None if out["volume_mm3"] is None else float(out["volume_mm3"][i]),
+                 "png": overlay_png(images[i], None if out["seg"] is None else out["seg"][i])}
+                for i in sorted(flagged, key=lambda i: (slices[SERIES].iloc[i], slices["slice_index"].iloc[i]))]
+    volume_ml = None if out["volume_mm3"] is None else float(out["volume_mm3"].sum()) / 1000.0
+    return {
+        "study": str(studies[0]),
+        "patient": str(slices["PatientID"].iloc[0]),
+        "series": [str(s) for s in slices[SERIES].unique()],
+        "n_slices": len(slices),
+        "verdict": "ICH suspected" if any(flags.values()) else "no ICH flagged",
+        "probabilities": {n: float(p[:, j].max()) for j, n in enumerate(LABELS)},
+        "flags": flags,
+        "thresholds": {"precision": precision, "source": ens.thresholds_source, "study_max": study_thr},
+        "blood_volume_ml": volume_ml,
+        "top_slices": [{"ID": slices[ID_COL].iloc[i], "series": slices[SERIES].iloc[i],
+                        "slice_index": int(slices["slice_index"].iloc[i]), "any": float(p[i, any_j])} for i in top],
+        "slices": table,
+        "overlays": overlays,
+        "model": ens.describe(),
+        "seconds_model": seconds,
+    }
+
+
+# ---------------------------------------------------------------- outputs
+
+
+def study_record(result: dict) -> dict:
+    """The JSON-safe part of predict_study's result (slice table as records, overlays without their bytes)."""
+    rec = {k: v for k, v in result.items() if k not in ("slices", "overlays")}
+    table = result["slices"].astype(object).where(result["slices"].notna(), None)
+    rec["slices"] = table.to_dict(orient="records")
+    rec["overlays"] = [{k: v for k, v in o.items() if k != "png"} for o in result["overlays"]]
+    return rec
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "._-" else "_" for c in name)[:120] or "unnamed"
+
+
+def write_outputs(results: list[dict], skipped: pd.DataFrame, out_dir: Path, ens: Ensemble) -> dict[str, Path]:
+    """studies.csv, slices.csv, skipped.csv, predictions.json and overlays/<study>/<ID>.png, all written atomically."""
+    study_rows = []
+    for r in results:
+        row = {STUDY: r["study"], "PatientID": r["patient"], "n_slices": r["n_slices"], "verdict": r["verdict"]}
+        row.update(r["probabilities"])
+        row.update({f"flag_{n}": r["flags"][n] for n in LABELS})
+        row["blood_volume_ml"] = r["blood_volume_ml"]
+        row["top_slices"] = ";".join(t["ID"] for t in r["top_slices"])
+        study_rows.append(row)
+        for o in r["overlays"]:
+            png = out_dir / "overlays" / _safe(r["study"]) / f"{_safe(o['ID'])}.png"
+            with atomic_path(png) as tmp:
+                tmp.write_bytes(o["png"])
+            o["file"] = str(png.relative_to(out_dir))
+    cols = [*SLICE_COLUMNS, "flag_any"]
+    parts = [r["slices"][cols] for r in results]
+    table = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame(columns=cols)
+    files = {
+        "studies": write_csv(pd.DataFrame(study_rows), out_dir / "studies.csv"),
+        "slices": write_csv(table, out_dir / "slices.csv"),
+        "skipped": write_csv(skipped, out_dir / "skipped.csv"),
+    }
+    payload = {"exp": ens.exp, "model": ens.describe(), "thresholds_source": ens.thresholds_source,
+               "checkpoints": [str(p) for p in ens.checkpoints], "studies": [study_record(r) for r in results],
+               "skipped": skipped.to_dict(orient="records")}
+    files["json"] = write_json(payload, out_dir / "predictions.json")
+    return files
+
+
+def summary_text(results: list[dict], skipped: pd.DataFrame, ens: Ensemble, out_dir: Path | None = None) -> str:
+    """One screen: a line per study (verdict, p(any), flagged labels, volume, top slice), skipped files, sources."""
+    lines = [f"model: {ens.describe()}", f"flags: {ens.thresholds_source}", ""]
+    for r in results:
+        flagged = [n for n in LABELS if r["flags"][n] and n != "any"]
+        vol = "" if r["blood_volume_ml"] is None else f"  blood {r['blood_volume_ml']:.2f} mL"
+        top = r["top_slices"][0]
+        lines.append(f"{r['verdict'].upper():<15} {r['study']}  {r['n_slices']} slices  "
+                     f"p(any)={r['probabilities']['any']:.3f}{vol}  subtypes: {', '.join(flagged) or '-'}  "
+                     f"top slice {top['ID']} (#{top['slice_index']})")
+    if not results:
+        lines.append("no usable DICOM slices")
+    if len(skipped):
+        lines += ["", f"{len(skipped)} files skipped:"]
+        lines += [f"  {row.path}: {row.reason}" for row in skipped.head(8).itertuples()]
+        if len(skipped) > 8:
+            lines.append(f"  ... {len(skipped) - 8} more in skipped.csv")
+    if out_dir is not None:
+        lines += ["", f"written: {out_dir}/studies.csv, slices.csv, skipped.csv, predictions.json, overlays/"]
+    return "\n".join(lines)
+
+
+def run(inputs: Sequence[str | os.PathLike], ens: Ensemble, out_dir: Path, precision: float = DEFAULT_PRECISION,
+        batch_size: int = 32, tta: bool | None = None) -> tuple[list[dict], pd.DataFrame]:
+    """Load, predict every study, write the outputs; returns (results, skipped)."""
+    slices, images, skipped = load_study_files(inputs, ens.cfg.image_size, progress=True)
+    results = []
+    groups = slices.groupby(STUDY, sort=True).indices if len(slices) else {}
+    for _, rows in tqdm(groups.items(), desc="studies", disable=len(groups) < 2, leave=False):
+        results.append(predict_study(ens, slices.iloc[rows], images[rows], precision, batch_size, tta))
+    write_outputs(results, skipped, out_dir, ens)
+    return results, skipped
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m src.infer", description=__doc__)
+    parser.add_argument("inputs", nargs="+", help="study folders, DICOM files or zips")
+    parser.add_argument("--exp", help="experiment under work/models/ (default: the one with the newest checkpoint)")
+    parser.add_argument("--out", type=Path, help="output folder (default: work/infer/<time>)")
+    parser.add_argument("--threshold-precision", type=float, default=DEFAULT_PRECISION,
+                        help="flag at the thresholds saved for this precision (oof/<exp>/report/thresholds.json)")
+    parser.add_argument("--batch-size", type=int, default=32, help="slices per forward pass")
+    parser.add_argument("--no-tta", action="store_true", help="skip the flip view even if validation used it")
+    args = parser.parse_args(argv)
+    if args.batch_size < 1:
+        raise InputError("--batch-size must be >= 1")
+    ens = load_ensemble(args.exp, args.threshold_precision)
+    out_dir = args.out or paths.WORK / "infer" / time.strftime("%Y%m%d-%H%M%S")
+    results, skipped = run(args.inputs, ens, out_dir, args.threshold_precision, args.batch_size,
+                           False if args.no_tta else None)
+    print(summary_text(results, skipped, ens, out_dir))
+    return 0 if results else 2
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,227 @@
+"""Triage CLI on new studies: reading mixed folders and zips, slice order, fold averaging, flags, volume, outputs."""
+
+import json
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from dicom_factory import make_dicom, tilted_orientation
+
+from src import infer, outputs, paths
+from src.config import load_config
+from src.constants import LABELS
+from src.dicom import read_hu, to_channels
+from src.model import build_model
+
+EXP = "t_infer"
+SIZE = 64
+SPACING_MM = 5.0  # distance between slices along the slice normal
+PIXEL_MM = 0.5
+TILT = tilted_orientation(15.0)
+NORMAL = np.cross(np.asarray(TILT[:3]), np.asarray(TILT[3:]))
+
+
+def _phantom(rng: np.random.Generator, shape: tuple[int, int], blob: bool) -> np.ndarray:
+    """Stored values (intercept -1024): air, a 1000 HU skull ring, 35 HU brain, optionally a 70 HU blob."""
+    yy, xx = np.mgrid[: shape[0], : shape[1]]
+    r = np.hypot((yy - shape[0] / 2) / (shape[0] * 0.42), (xx - shape[1] / 2) / (shape[1] * 0.42))
+    hu = np.where(r < 1.0, 1000.0, -1000.0)
+    hu = np.where(r < 0.88, 35.0, hu)
+    if blob:
+        hu = np.where(np.hypot(yy - shape[0] * 0.35, xx - shape[1] * 0.6) < shape[0] * 0.1, 70.0, hu)
+    return np.rint(hu + 1024 + rng.normal(0, 3, shape)).astype(np.int16)
+
+
+def make_study(folder: Path, n: int = 6, study: str = "ID_studyA", patient: str = "ID_patA",
+               seed: int = 0) -> list[str]:
+    """n tilted slices 5 mm apart on the normal, written under names in a shuffled order; one slice is 80x64 and
+    one RLE-compressed.
+
+    Returns the image IDs in true slice order (increasing position along the normal).
+    """
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    names = [f"ID_{study[-1].lower()}{k:02d}{h}" for k, h in zip(range(n), rng.permutation(n))]
+    order = rng.permutation(n)  # file k sits at position order[k]
+    for k, name in enumerate(names):
+        shape = (80, 64) if k == 1 else (SIZE, SIZE)
+        # Gantry tilt: the origin also slides in-plane (along the column direction), so z alone would mis-space.
+        origin = NORMAL * SPACING_MM * order[k] + np.asarray(TILT[3:]) * 2.0 * order[k]
+        make_dicom(folder / f"{name}.dcm", _phantom(rng, shape, blob=order[k] in (2, 3)), image_id=name,
+                   patient=patient, study=study, series=f"{study}_s", position=origin, orientation=TILT,
+                   pixel_spacing=(PIXEL_MM, PIXEL_MM), syntax="rle" if k == 2 else "explicit")
+    return [names[k] for k in np.argsort(order)]
+
+
+def save_tiny_checkpoints(calib: list[Path], exp: str = EXP, n_folds: int = 2, arch: str = "multitask") -> list[Path]:
+    """Randomly initialised fold checkpoints in the training format (work/models/<exp>/fold<k>/best.pt).
+
+    A random network answers ~the same for every slice; the head is rescaled so that on the `calib` files each
+    label's logit has mean 0 and std 2: probabilities then spread over ~0.1-0.9 and flags differ by slice.
+    """
+    cfg = load_config(None, ["backbone=resnet10t", f"image_size={SIZE}", f"arch={arch}", f"exp={exp}", "tta_flip=true"])
+    x = torch.from_numpy(np.stack([to_channels(read_hu(f), SIZE) for f in calib])).float() / 255.0
+    out = []
+    for k in range(n_folds):
+        torch.manual_seed(k)
+        model = build_model(cfg).eval()
+        head = model.head if hasattr(model, "head") else model.net.get_classifier()
+        with torch.no_grad():
+            logits = model(x, torch.ones(len(x)))["logits"]
+            mean, std = logits.mean(0), logits.std(0).clamp_min(1e-6)
+            head.weight.mul_((2.0 / std)[:, None])
+            head.bias.copy_((head.bias - mean) * 2.0 / std)
+        path = paths.WORK / "models" / exp / f"fold{k}" / "best.pt"
+        outputs.save_checkpoint(path, model, cfg, epoch=1)
+        out.append(path)
+    return out
+
+
+def expected_outputs(files: list[Path], ckpts: list[Path]) -> tuple[np.ndarray, np.ndarray]:
+    """Independent of src.infer: probs [n, 6] and volume_mm3 [n], mean over models and the flip view."""
+    from src.bloodnet import load_model
+
+    x = torch.from_numpy(np.stack([to_channels(read_hu(f), SIZE) for f in files])).float() / 255.0
+    shapes = [read_hu(f).shape for f in files]
+    voxel = torch.tensor([PIXEL_MM**2 * (max(s) / SIZE) ** 2 * SPACING_MM for s in shapes], dtype=torch.float32)
+    probs, vol = [], []
+    with torch.no_grad():
+        for path in ckpts:
+            model, _ = load_model(path)
+            for view in (x, torch.flip(x, dims=[-1])):
+                out = model(view, voxel)
+                probs.append(torch.sigmoid(out["logits"]).numpy())
+                vol.append(out["volume_mm3"].numpy())
+    return np.mean(probs, axis=0), np.mean(vol, axis=0)
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory) -> list[Path]:
+    folder = tmp_path_factory.mktemp("calib")
+    make_study(folder)  # the same slices as messy_folder's study (same seed)
+    return save_tiny_checkpoints(sorted(folder.glob("*.dcm")))
+
+
+@pytest.fixture()
+def messy_folder(tmp_path) -> tuple[Path, list[str]]:
+    folder = tmp_path / "study"
+    order = make_study(folder)
+    (folder / "notes.txt").write_text("not an image\n")
+    (folder / "sub").mkdir()
+    make_dicom(folder / "sub" / "ID_trunc.dcm", _phantom(np.random.default_rng(1), (SIZE, SIZE), False),
+               study="ID_studyA", series="ID_studyA_s", orientation=TILT, truncate_to=1000)
+    make_dicom(folder / "ID_nopos.dcm", _phantom(np.random.default_rng(2), (SIZE, SIZE), False),
+               study="ID_studyA", series="ID_studyA_s", with_position=False)
+    return folder, order
+
+
+def test_folder_with_bad_files_orders_slices_and_lists_the_rest(messy_folder):
+    folder, order = messy_folder
+    slices, images, skipped = infer.load_study_files([folder], SIZE)
+    assert list(slices["ID"]) == order
+    assert list(slices["slice_index"]) == list(range(len(order)))
+    np.testing.assert_allclose(np.diff(slices["position"]), SPACING_MM, atol=1e-4)
+    np.testing.assert_allclose(slices["slice_spacing"], SPACING_MM, atol=1e-4)
+    assert images.shape == (len(order), 3, SIZE, SIZE) and images.dtype == np.uint8
+    # Row i of images is slice i: compare with a direct read of that slice's file.
+    for i in (0, 3):
+        np.testing.assert_array_equal(images[i], to_channels(read_hu(slices["path"].iloc[i]), SIZE))
+    assert set(slices["rows"]) == {SIZE, 80}
+    reasons = dict(zip(skipped["path"].map(lambda p: Path(p).name), skipped["reason"]))
+    assert set(reasons) == {"notes.txt", "ID_trunc.dcm", "ID_nopos.dcm"}
+    assert "not a readable DICOM" in reasons["notes.txt"]
+    assert "pixel data too short" in reasons["ID_trunc.dcm"]
+    assert "ImagePositionPatient" in reasons["ID_nopos.dcm"]
+
+
+def test_zip_input_gives_the_same_slices(messy_folder, tmp_path):
+    folder, order = messy_folder
+    archive = tmp_path / "study.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for f in sorted(folder.rglob("*")):
+            if f.is_file():
+                zf.write(f, f.relative_to(folder.parent))
+    slices, images, skipped = infer.load_study_files([archive], SIZE)
+    _, ref_images, _ = infer.load_study_files([folder], SIZE)
+    assert list(slices["ID"]) == order
+    np.testing.assert_array_equal(images, ref_images)
+    assert all(p.startswith(f"{archive}!study/") for p in slices["path"])
+    assert len(skipped) == 3 and skipped["path"].str.contains("!study/notes.txt").any()
+    # The same file given twice is used once.
+    twice, _, dup = infer.load_study_files([folder, archive], SIZE)
+    assert len(twice) == len(order) and dup["reason"].str.contains("duplicate SOPInstanceUID").sum() == len(order)
+
+
+def test_cli_averages_folds_flags_at_saved_thresholds_and_writes_outputs(messy_folder, ckpts, tmp_path, capsys):
+    folder, order = messy_folder
+    files = [folder / f"{i}.dcm" for i in order]
+    want_p, want_vol = expected_outputs(files, ckpts)
+    any_j = LABELS.index("any")
+    # Thresholds between the 2nd and 3rd highest p(any): exactly two slices pass, and so does the study.
+    ranked = np.sort(want_p[:, any_j])[::-1]
+    assert ranked[1] - ranked[2] > 1e-3  # far from float noise between the two code paths
+    cut = float((ranked[1] + ranked[2]) / 2)
+    report = paths.OOF_DIR / EXP / "report" / "thresholds.json"
+    saved = infer.default_thresholds(0.8, cut)
+    saved["levels"]["study_max"]["epidural"]["0.8"] = None  # unreachable on the OOF data: never flagged
+    report.parent.mkdir(parents=True, exist_ok=True)
+    report.write_text(json.dumps(saved))
+    out = tmp_path / "out"
+    try:
+        assert infer.main([str(folder), "--exp", EXP, "--out", str(out)]) == 0
+    finally:
+        report.unlink()
+    screen = capsys.readouterr().out
+    assert "ICH SUSPECTED" in screen and "3 files skipped" in screen and str(report) in screen
+
+    slices = pd.read_csv(out / "slices.csv")
+    assert list(slices.columns) == [*infer.SLICE_COLUMNS, "flag_any"]
+    assert list(slices["ID"]) == order
+    np.testing.assert_allclose(slices[list(LABELS)].to_numpy(), want_p, atol=1e-5)
+    np.testing.assert_allclose(slices["blood_volume_mm3"], want_vol, rtol=1e-4)
+    assert slices["flag_any"].sum() == 2
+
+    studies = pd.read_csv(out / "studies.csv")
+    assert list(studies.columns) == ["StudyInstanceUID", "PatientID", "n_slices", "verdict", *LABELS,
+                                     *[f"flag_{n}" for n in LABELS], "blood_volume_ml", "top_slices"]
+    row = studies.iloc[0]
+    assert row["n_slices"] == len(order) and row["verdict"] == "ICH suspected" and bool(row["flag_any"])
+    assert not bool(row["flag_epidural"])
+    np.testing.assert_allclose(row[list(LABELS)].to_numpy(float), want_p.max(axis=0), atol=1e-5)
+    np.testing.assert_allclose(row["blood_volume_ml"], want_vol.sum() / 1000.0, rtol=1e-4)
+    top = np.argsort(-want_p[:, any_j], kind="stable")[:5]
+    assert row["top_slices"].split(";") == [order[i] for i in top]
+
+    payload = json.loads((out / "predictions.json").read_text())
+    study = payload["studies"][0]
+    assert payload["exp"] == EXP and "mean of 2 CNN fold models" in payload["model"]
+    assert study["thresholds"]["study_max"]["epidural"] is None
+    assert {o["ID"] for o in study["overlays"]} == {order[i] for i in top[:2]}
+    for o in study["overlays"]:
+        png = out / o["file"]
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(payload["skipped"]) == 3
+    skipped = pd.read_csv(out / "skipped.csv")
+    assert list(skipped.columns) == ["path", "reason"] and len(skipped) == 3
+
+
+def test_default_thresholds_two_studies_and_nothing_usable(tmp_path, ckpts, capsys):
+    make_study(tmp_path / "a", n=4, study="ID_studyA", seed=1)
+    make_study(tmp_path / "b", n=3, study="ID_studyB", patient="ID_patB", seed=2)
+    ens = infer.load_ensemble(EXP)
+    assert "default p >= 0.5" in ens.thresholds_source
+    results, skipped = infer.run([tmp_path / "a", tmp_path / "b"], ens, tmp_path / "out", tta=False)
+    assert [r["study"] for r in results] == ["ID_studyA", "ID_studyB"] and len(skipped) == 0
+    assert [r["n_slices"] for r in results] == [4, 3]
+    for r in results:
+        p_any = r["slices"]["any"].to_numpy()
+        assert r["flags"]["any"] == bool(p_any.max() >= 0.5)
+    assert len(pd.read_csv(tmp_path / "out" / "studies.csv")) == 2
+    (tmp_path / "junk.txt").write_text("x")
+    assert infer.main([str(tmp_path / "junk.txt"), "--exp", EXP, "--out", str(tmp_path / "o2")]) == 2
+    assert "no usable DICOM slices" in capsys.readouterr().out
+    with pytest.raises(infer.InputError, match="no fold"):
+        infer.load_ensemble("no_such_exp")
