@@ -153,6 +153,14 @@ def _hu(ds: pydicom.Dataset, path: Path) -> np.ndarray:
     intercept = _float(ds, "RescaleIntercept", 0.0)
     # int32 first: pydicom 3 + NumPy 2 raise OverflowError when a negative int meets a uint16 array.
     px = _pixels(ds, path).astype(np.int32)
+    if str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip() == "MONOCHROME1":
+        # MONOCHROME1 stores inverted grey levels (minimum = white). Mirror the stored values within their range
+        # so that high HU is dense again before the rescale; CT in MONOCHROME1 is rare (none in RSNA), but files
+        # re-exported from viewers exist. Strictly, PS3.3 C.7.6.3.1.2 inverts after the VOI LUT; inverting the
+        # stored values is what matters for a model that windows HU itself.
+        bits = _int(ds, "BitsStored", 16)
+        signed = _int(ds, "PixelRepresentation", 0) == 1
+        px = (-1 - px) if signed else ((1 << bits) - 1 - px)
     if _int(ds, "BitsStored", 16) == 12 and _int(ds, "PixelRepresentation", 0) == 0 and intercept > -100:
         # RSNA 2019 fault (~0.8% of images, found in the public fastai/appian42 notebooks): stored value = HU mod 4096
         # with intercept 0 or 1, so air (-1000 HU) reads 3096. Unwrap into [-1000, 3095] HU.
@@ -160,8 +168,6 @@ def _hu(ds: pydicom.Dataset, path: Path) -> np.ndarray:
         px[px >= 4096] -= 4096
         intercept = -1000.0
     hu = px.astype(np.float32) * np.float32(slope) + np.float32(intercept)
-    # MONOCHROME1 is only a display convention (PS3.3 C.7.6.3.1.2: applied after the modality and VOI LUTs), so the
-    # rescale above already gives true HU; inverting here would turn bone into air. Nothing to undo.
     return hu
 
 

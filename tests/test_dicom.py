@@ -56,13 +56,18 @@ def test_12bit_fix_not_applied_to_a_correct_12bit_file(tmp_path):
     np.testing.assert_array_equal(read_hu(path), true_hu.astype(np.float32))
 
 
-def test_monochrome1_gives_the_same_hu_as_monochrome2(tmp_path):
-    # The modality rescale defines HU; MONOCHROME1 only flips the display after windowing (DICOM PS3.3 C.7.6.3.1.2).
+@pytest.mark.parametrize("bits_stored, signed", [(16, True), (12, False), (16, False)])
+def test_monochrome1_is_inverted_back(tmp_path, bits_stored, signed):
+    """A MONOCHROME1 file stores inverted grey levels; reading it gives the same HU as the MONOCHROME2 original."""
     hu = np.array([[-1024, 40], [80, 1500]])
-    m1 = read_hu(make_dicom(tmp_path / "ID_m1.dcm", hu + 1024, photometric="MONOCHROME1"))
-    m2 = read_hu(make_dicom(tmp_path / "ID_m2.dcm", hu + 1024, photometric="MONOCHROME2"))
+    stored = hu + 1024
+    inverted = (-1 - stored) if signed else ((1 << bits_stored) - 1 - stored)
+    m2 = read_hu(make_dicom(tmp_path / "ID_m2.dcm", stored, bits_stored=bits_stored, signed=signed,
+                            intercept=-1024.0, photometric="MONOCHROME2"))
+    m1 = read_hu(make_dicom(tmp_path / "ID_m1.dcm", inverted, bits_stored=bits_stored, signed=signed,
+                            intercept=-1024.0, photometric="MONOCHROME1"))
+    np.testing.assert_array_equal(m2, hu.astype(np.float32))
     np.testing.assert_array_equal(m1, m2)
-    np.testing.assert_array_equal(m1, hu.astype(np.float32))
 
 
 def test_header_fields_two_valued_window_and_missing_optionals(tmp_path):
@@ -170,3 +175,18 @@ def test_mask_follows_image_geometry():
     brain = to_channels(hu, 8)[0]
     np.testing.assert_array_equal(out, (brain > 127).astype(np.uint8))
     assert out.sum() == 2 * 4
+
+
+def test_real_ct_from_pydicom_matches_its_modality_lut():
+    """pydicom's own CT_small.dcm (a real scanner file) reads to the HU that pydicom's modality LUT gives."""
+    import pydicom
+    from pydicom.data import get_testdata_file
+    from pydicom.pixels import apply_modality_lut
+
+    path = get_testdata_file("CT_small.dcm")
+    ds = pydicom.dcmread(path)
+    expected = apply_modality_lut(ds.pixel_array, ds).astype(np.float32)
+    hu = read_hu(path)
+    assert hu.shape == (128, 128) and hu.dtype == np.float32
+    np.testing.assert_array_equal(hu, expected)
+    assert hu.min() < -800 and hu.max() > 500  # air (with noise) and bone are where they should be
