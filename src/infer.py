@@ -28,11 +28,14 @@ from src.dicom import DicomError, read_header, read_hu, to_channels
 from src.errors import InputError, run_cli
 from src.metadata import order_series
 from src.predict import to_input
+from src.stack import KINDS, StackerBundle, load_stackers, stack_model_dir
 from src.thresholds import RADNET_RUN, apply_thresholds, flag_name
 
 STUDY, SERIES = "StudyInstanceUID", "SeriesInstanceUID"
 DEFAULT_PRECISION = 0.8
 # Without a saved thresholds.json (python -m src.report) flags fall back to p >= 0.5, and every output says so.
+# The stacker applied by default when python -m src.stack saved one for the experiment.
+DEFAULT_STACKER = "blend"
 DEFAULT_THRESHOLD = 0.5
 N_TOP_SLICES = 5
 MAX_OVERLAYS = 8  # per study: the flagged slices with the highest p(any)
@@ -144,7 +147,7 @@ def load_study_files(
 
 @dataclass
 class Ensemble:
-    """The fold models of one experiment, averaged, and the thresholds their flags use."""
+    """The fold models of one experiment, averaged, optionally a saved stacker on top, and the flag thresholds."""
 
     exp: str
     cfg: Config
@@ -152,16 +155,36 @@ class Ensemble:
     checkpoints: list[Path]
     thresholds: dict
     thresholds_source: str
+    stacker: StackerBundle | None = None
+    stacker_kind: str | None = None  # lgbm / gru / blend when `stacker` is applied
+    stacker_note: str = ""  # why no stacker is applied
     has_seg: bool = field(init=False)
 
     def __post_init__(self) -> None:
         self.has_seg = self.cfg.arch != "classifier"
 
+    def fold_of(self, k: int) -> int | None:
+        return checkpoint_fold(self.checkpoints[k])
+
+    def stacker_folds(self) -> list[int]:
+        """The stacker's CNN folds that have a checkpoint here: their outputs are what the stacker reads."""
+        have = {self.fold_of(k) for k in range(len(self.models))}
+        return [f for f in self.stacker.manifest["cnn_folds"] if f in have] if self.stacker else []
+
+    def source(self) -> str:
+        """One line: which model produced the probabilities."""
+        if self.stacker is None:
+            return f"mean of {len(self.models)} CNN fold models of {self.exp}, no stacker ({self.stacker_note})"
+        return f"{self.stacker.describe(self.stacker_kind)} of {self.exp} (after the CNN fold models)"
+
     def describe(self) -> str:
         names = ", ".join(p.parent.name for p in self.checkpoints)
         c = self.cfg
-        return (f"mean of {len(self.models)} CNN fold models of {self.exp} ({names}; {c.arch}/{c.backbone} "
-                f"{c.image_size} px, context {c.context}); no fitted stacker is saved for reuse")
+        cnn = (f"mean of {len(self.models)} CNN fold models of {self.exp} ({names}; {c.arch}/{c.backbone} "
+               f"{c.image_size} px, context {c.context})")
+        if self.stacker is None:
+            return f"{cnn}; no stacker: {self.stacker_note}"
+        return f"{cnn}; probabilities from the {self.stacker.describe(self.stacker_kind)} (volume from the CNN)"
 
 
 def find_checkpoints(exp: str | None = None) -> tuple[str, list[Path]]:
@@ -178,6 +201,12 @@ def find_checkpoints(exp: str | None = None) -> tuple[str, list[Path]]:
     return exp, ckpts
 
 
+def checkpoint_fold(path: Path) -> int | None:
+    """CNN fold number of a fold<K>/best.pt checkpoint; None for the all-data model (full/best.pt)."""
+    tag = path.parent.name[len("fold"):]
+    return int(tag) if path.parent.name.startswith("fold") and tag.isdigit() else None
+
+
 def default_thresholds(precision: float, value: float = DEFAULT_THRESHOLD) -> dict:
     """A thresholds.json payload (src.thresholds.thresholds_to_dict's shape) with one fixed threshold everywhere."""
     point = {"threshold": value}
@@ -185,13 +214,21 @@ def default_thresholds(precision: float, value: float = DEFAULT_THRESHOLD) -> di
     return {"radnet_run": RADNET_RUN, "precisions": [precision], "levels": levels}
 
 
-def load_thresholds(exp: str, precision: float) -> tuple[dict, str]:
-    """oof/<exp>/report/thresholds.json when it holds the precision, else the documented default."""
+def load_thresholds(exp: str, precision: float, stacker_kind: str | None = None) -> tuple[dict, str]:
+    """The stacker's oof/<exp>_stack_<kind>/report/thresholds.json, else the CNN's oof/<exp>/report/thresholds.json,
+    else the documented default; the source line names the one used (a file must hold the precision)."""
     import json
 
-    path = paths.OOF_DIR / exp / "report" / "thresholds.json"
-    if not path.exists():
-        return default_thresholds(precision), f"default p >= {DEFAULT_THRESHOLD} ({path} not found)"
+    tried = [paths.OOF_DIR / f"{exp}_stack_{stacker_kind}"] if stacker_kind else []
+    tried = [d / "report" / "thresholds.json" for d in [*tried, paths.OOF_DIR / exp]]
+    found = [p for p in tried if p.exists()]
+    if not found:
+        return default_thresholds(precision), (f"default p >= {DEFAULT_THRESHOLD} "
+                                               f"({' and '.join(map(str, tried))} not found)")
+    path = found[0]
+    whose = f"the {stacker_kind} stacker's" if stacker_kind and path == tried[0] else "the CNN's"
+    if stacker_kind and path != tried[0]:
+        whose += f" ({tried[0]} not found)"
     try:
         saved = json.loads(path.read_text())
     except json.JSONDecodeError as err:
@@ -200,11 +237,37 @@ def load_thresholds(exp: str, precision: float) -> tuple[dict, str]:
     if f"{precision:g}" not in have:
         raise InputError(f"{path}: no thresholds at precision {precision:g} (has {', '.join(sorted(have))}); "
                          "pick one of those with --threshold-precision")
-    return saved, f"{path} (fixed precision {precision:g} on the OOF predictions)"
+    return saved, f"{path}: {whose} thresholds (fixed precision {precision:g} on the OOF predictions)"
 
 
-def load_ensemble(exp: str | None = None, precision: float = DEFAULT_PRECISION) -> Ensemble:
-    """Every checkpoint of the experiment, on CPU, eval mode, channels_last; they must share input geometry."""
+def pick_stacker(exp: str, stacker: str | None, folds: set[int]) -> tuple[StackerBundle | None, str | None, str]:
+    """(bundle, kind, note): the requested stacker (None = DEFAULT_STACKER when saved, else lgbm, else no stacker).
+
+    An explicit request that cannot be met is an InputError; the default falls back and says why in `note`."""
+    if stacker == "none":
+        return None, None, "turned off with --stacker none"
+    explicit, kind = stacker is not None, stacker or DEFAULT_STACKER
+    bundle = load_stackers(exp)
+    if bundle is None:
+        note = f"none saved in {stack_model_dir(exp)} (python -m src.stack --exp {exp})"
+    elif not set(bundle.manifest["cnn_folds"]) & folds:
+        note = (f"it reads CNN folds {bundle.manifest['cnn_folds']}, none of which has a checkpoint here "
+                f"(folds {sorted(folds)})")
+    elif kind not in bundle.kinds:
+        note = f"{kind} not saved (saved: {', '.join(bundle.kinds)})"
+        if not explicit:
+            return bundle, bundle.kinds[0], note
+    else:
+        return bundle, kind, ""
+    if explicit:
+        raise InputError(f"--stacker {kind}: {note}")
+    return None, None, note
+
+
+def load_ensemble(exp: str | None = None, precision: float = DEFAULT_PRECISION,
+                  stacker: str | None = None) -> Ensemble:
+    """Every checkpoint of the experiment, on CPU, eval mode, channels_last; they must share input geometry; then
+    the saved stacker (`stacker`: one of src.stack.KINDS, "none", or None for the default) and its thresholds."""
     exp, ckpts = find_checkpoints(exp)
     models, cfg = [], None
     for path in ckpts:
@@ -213,14 +276,16 @@ def load_ensemble(exp: str | None = None, precision: float = DEFAULT_PRECISION) 
             raise InputError(f"{path}: image_size/context/arch differ from {ckpts[0]}; one experiment, one geometry")
         cfg = cfg or c
         models.append(model.to(memory_format=torch.channels_last).eval())
-    thresholds, source = load_thresholds(exp, precision)
-    return Ensemble(exp, cfg, models, ckpts, thresholds, source)
+    bundle, kind, note = pick_stacker(exp, stacker, {checkpoint_fold(p) for p in ckpts} - {None})
+    thresholds, source = load_thresholds(exp, precision, kind)
+    return Ensemble(exp, cfg, models, ckpts, thresholds, source, bundle, kind, note)
 
 
 @torch.inference_mode()
 def run_models(ens: Ensemble, slices: pd.DataFrame, images: np.ndarray, batch_size: int = 32,
                tta: bool | None = None) -> dict[str, np.ndarray]:
-    """Mean over models (and the flip view when the config used it) of probs [N, 6], volume_mm3 [N], seg [N, S, S]."""
+    """Mean over models (and the flip view when the config used it) of probs [N, 6], volume_mm3 [N], seg [N, S, S];
+    with a stacker also `per_fold`: CNN fold -> that model's probs, volume and float16 embedding (view means)."""
     tta = ens.cfg.tta_flip if tta is None else tta
     ds = SliceDataset(slices.assign(cache_row=np.arange(len(slices))), images, ens.cfg.context, with_labels=False)
     n, size = len(ds), images.shape[-1]
@@ -229,20 +294,55 @@ def run_models(ens: Ensemble, slices: pd.DataFrame, images: np.ndarray, batch_si
     seg = np.zeros((n, size, size), np.float32) if ens.has_seg else None
     views = (False, True) if tta else (False,)
     k = len(ens.models) * len(views)
+    wanted = set(ens.stacker_folds())
+    per_fold: dict[int, dict[str, np.ndarray]] = {}
     for start in range(0, n, batch_size):
         idx = slice(start, min(start + batch_size, n))
         batch = np.stack([ds[i]["image"].numpy() for i in range(idx.start, idx.stop)])
         x = to_input(torch.from_numpy(batch), torch.device("cpu"), True)
         voxel = torch.from_numpy(ds.voxel_mm3[idx])
-        for model in ens.models:
+        for m, model in enumerate(ens.models):
+            fold = ens.fold_of(m)
             for flipped in views:
                 out = model(torch.flip(x, dims=[-1]) if flipped else x, voxel)
                 probs[idx] += torch.sigmoid(out["logits"].float()).numpy() / k
+                if fold in wanted:
+                    _add_fold_outputs(per_fold, fold, idx, n, out, len(views))
                 if seg is not None:
                     s = torch.sigmoid(out["seg_logits"][:, 0].float())
                     seg[idx] += (torch.flip(s, dims=[-1]) if flipped else s).numpy() / k
                     volume[idx] += out["volume_mm3"].float().numpy() / k
-    return {"probs": probs, "volume_mm3": volume if seg is not None else None, "seg": seg}
+    for part in per_fold.values():
+        # Embeddings are stored as float16 for the stacker's training; feed it the same rounding.
+        part["embedding"] = part["embedding"].astype(np.float16)
+    return {"probs": probs, "volume_mm3": volume if seg is not None else None, "seg": seg, "per_fold": per_fold}
+
+
+def _add_fold_outputs(per_fold: dict, fold: int, idx: slice, n: int, out: dict, n_views: int) -> None:
+    """Accumulate one view's outputs of one fold model: the mean over views, as the stacker's test inputs were."""
+    part = per_fold.get(fold)
+    if part is None:
+        part = per_fold[fold] = {"probs": np.zeros((n, len(LABELS))),
+                                 "embedding": np.zeros((n, out["embedding"].shape[1])),
+                                 "volume_mm3": np.zeros(n) if "volume_mm3" in out else None}
+    part["probs"][idx] += torch.sigmoid(out["logits"].float()).numpy() / n_views
+    part["embedding"][idx] += out["embedding"].float().numpy() / n_views
+    if part["volume_mm3"] is not None:
+        part["volume_mm3"][idx] += out["volume_mm3"].float().numpy() / n_views
+
+
+def apply_stacker(ens: Ensemble, slices: pd.DataFrame, per_fold: dict[int, dict[str, np.ndarray]]) -> np.ndarray:
+    """The ensemble's stacker on one study's slices: probs [N, 6] from the fold models' outputs."""
+    keys = slices[[ID_COL, "PatientID", STUDY, SERIES, "position"]].reset_index(drop=True)
+    tables, embeddings = {}, {}
+    for fold, part in sorted(per_fold.items()):
+        table = keys.copy()
+        for j, name in enumerate(LABELS):
+            table[name] = part["probs"][:, j]
+        if part["volume_mm3"] is not None:
+            table[VOLUME_COL] = part["volume_mm3"]
+        tables[fold], embeddings[fold] = table, part["embedding"]
+    return ens.stacker.predict(tables, embeddings, kinds=[ens.stacker_kind])[ens.stacker_kind]
 
 
 # ---------------------------------------------------------------- one study
@@ -277,8 +377,8 @@ def predict_study(ens: Ensemble, slices: pd.DataFrame, images: np.ndarray, preci
     slices = slices.reset_index(drop=True)
     t0 = time.perf_counter()
     out = run_models(ens, slices, images, batch_size, tta)
+    p = out["probs"] if ens.stacker is None else apply_stacker(ens, slices, out["per_fold"])
     seconds = time.perf_counter() - t0
-    p = out["probs"]
     per_slice, per_study = apply_thresholds(slices, p, ens.thresholds)
     study_row = per_study.iloc[0]
     key = f"{precision:g}"
@@ -315,6 +415,7 @@ def predict_study(ens: Ensemble, slices: pd.DataFrame, images: np.ndarray, preci
         "slices": table,
         "overlays": overlays,
         "model": ens.describe(),
+        "probabilities_from": ens.source(),
         "seconds_model": seconds,
     }
 
@@ -344,6 +445,7 @@ def write_outputs(results: list[dict], skipped: pd.DataFrame, out_dir: Path, ens
         row.update({f"flag_{n}": r["flags"][n] for n in LABELS})
         row["blood_volume_ml"] = r["blood_volume_ml"]
         row["top_slices"] = ";".join(t["ID"] for t in r["top_slices"])
+        row["probabilities_from"] = r["probabilities_from"]
         study_rows.append(row)
         for o in r["overlays"]:
             png = out_dir / "overlays" / _safe(r["study"]) / f"{_safe(o['ID'])}.png"
@@ -358,7 +460,8 @@ def write_outputs(results: list[dict], skipped: pd.DataFrame, out_dir: Path, ens
         "slices": write_csv(table, out_dir / "slices.csv"),
         "skipped": write_csv(skipped, out_dir / "skipped.csv"),
     }
-    payload = {"exp": ens.exp, "model": ens.describe(), "thresholds_source": ens.thresholds_source,
+    payload = {"exp": ens.exp, "model": ens.describe(), "probabilities_from": ens.source(),
+               "thresholds_source": ens.thresholds_source,
                "checkpoints": [str(p) for p in ens.checkpoints], "studies": [study_record(r) for r in results],
                "skipped": skipped.to_dict(orient="records")}
     files["json"] = write_json(payload, out_dir / "predictions.json")
@@ -367,7 +470,7 @@ def write_outputs(results: list[dict], skipped: pd.DataFrame, out_dir: Path, ens
 
 def summary_text(results: list[dict], skipped: pd.DataFrame, ens: Ensemble, out_dir: Path | None = None) -> str:
     """One screen: a line per study (verdict, p(any), flagged labels, volume, top slice), skipped files, sources."""
-    lines = [f"model: {ens.describe()}", f"flags: {ens.thresholds_source}", ""]
+    lines = [f"model: {ens.describe()}", f"probabilities: {ens.source()}", f"flags: {ens.thresholds_source}", ""]
     for r in results:
         flagged = [n for n in LABELS if r["flags"][n] and n != "any"]
         vol = "" if r["blood_volume_ml"] is None else f"  blood {r['blood_volume_ml']:.2f} mL"
@@ -408,10 +511,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="flag at the thresholds saved for this precision (oof/<exp>/report/thresholds.json)")
     parser.add_argument("--batch-size", type=int, default=32, help="slices per forward pass")
     parser.add_argument("--no-tta", action="store_true", help="skip the flip view even if validation used it")
+    parser.add_argument("--stacker", choices=[*KINDS, "none"],
+                        help=f"saved level-2 stacker applied after the CNN folds (default: {DEFAULT_STACKER} when "
+                        "python -m src.stack saved one, else the CNN fold mean)")
     args = parser.parse_args(argv)
     if args.batch_size < 1:
         raise InputError("--batch-size must be >= 1")
-    ens = load_ensemble(args.exp, args.threshold_precision)
+    ens = load_ensemble(args.exp, args.threshold_precision, args.stacker)
     out_dir = args.out or paths.WORK / "infer" / time.strftime("%Y%m%d-%H%M%S")
     results, skipped = run(args.inputs, ens, out_dir, args.threshold_precision, args.batch_size,
                            False if args.no_tta else None)

@@ -16,7 +16,17 @@ from starlette.datastructures import UploadFile
 
 from src.constants import LABELS
 from src.errors import InputError, run_cli
-from src.infer import DEFAULT_PRECISION, STUDY, Ensemble, load_ensemble, load_study_files, predict_study, study_record
+from src.infer import (
+    DEFAULT_PRECISION,
+    DEFAULT_STACKER,
+    STUDY,
+    Ensemble,
+    load_ensemble,
+    load_study_files,
+    predict_study,
+    study_record,
+)
+from src.stack import KINDS
 
 STATIC = Path(__file__).resolve().parent / "static"
 DEFAULT_MAX_UPLOAD_MB = 1024  # a 512 px head CT is ~0.5 MB a slice; 1 GB is a few thin-slice series
@@ -102,7 +112,8 @@ def create_app(ens: Ensemble, precision: float = DEFAULT_PRECISION,
 
     @app.get("/api/info")
     def info() -> dict:
-        return {"exp": ens.exp, "model": ens.describe(), "thresholds_source": ens.thresholds_source,
+        return {"exp": ens.exp, "model": ens.describe(), "probabilities_from": ens.source(),
+                "thresholds_source": ens.thresholds_source,
                 "precision": precision, "labels": list(LABELS), "max_upload_mb": max_upload_mb,
                 "has_volume": ens.has_seg}
 
@@ -147,11 +158,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--exp", help="experiment under work/models/ (default: the one with the newest checkpoint)")
     parser.add_argument("--threshold-precision", type=float, default=DEFAULT_PRECISION)
     parser.add_argument("--max-upload-mb", type=float, default=DEFAULT_MAX_UPLOAD_MB, help="refuse larger uploads")
+    parser.add_argument("--stacker", choices=[*KINDS, "none"],
+                        help=f"saved level-2 stacker after the CNN folds (default: {DEFAULT_STACKER} when saved)")
     args = parser.parse_args(argv)
     if not 0 < args.port < 65536:
         raise InputError(f"--port {args.port}: not a TCP port")
-    ens = load_ensemble(args.exp, args.threshold_precision)
-    print(f"model: {ens.describe()}\nflags: {ens.thresholds_source}")
+    ens = load_ensemble(args.exp, args.threshold_precision, args.stacker)
+    print(f"model: {ens.describe()}\nprobabilities: {ens.source()}\nflags: {ens.thresholds_source}")
     print(f"open http://127.0.0.1:{args.port}/ (this machine only; uploads never leave it)")
     # Loopback only: the page and the uploaded studies are never reachable from another machine.
     uvicorn.run(create_app(ens, args.threshold_precision, args.max_upload_mb), host="127.0.0.1", port=args.port,

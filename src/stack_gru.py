@@ -210,3 +210,22 @@ class GRUStacker(BaseEstimator):
                 for b, r in enumerate(chunk):
                     out[r] = prob[b, : len(r)]
         return out
+
+    def to_state(self) -> dict:
+        """What a fitted stacker needs to predict again: constructor params, input normalisation, net weights."""
+        return {"params": self.get_params(), "n_features_in": int(self.n_features_in_),
+                "mean": torch.from_numpy(np.asarray(self.mean_, np.float32)),
+                "scale": torch.from_numpy(np.asarray(self.scale_, np.float32)),
+                "state_dict": {k: v.detach().cpu() for k, v in self.net_.state_dict().items()}}
+
+    @classmethod
+    def from_state(cls, state: dict, device: str = "cpu") -> GRUStacker:
+        """Inverse of `to_state`; predicts on `device` whatever it was fit on."""
+        est = cls(**{**state["params"], "device": device})
+        est.n_features_in_ = int(state["n_features_in"])
+        est.mean_ = state["mean"].numpy()
+        est.scale_ = state["scale"].numpy()
+        net = SliceSequenceNet(est.n_features_in_, est.proj_size, est.hidden_size, est.num_layers, est.dropout)
+        net.load_state_dict(state["state_dict"])
+        est.net_ = net.to(est._device()).eval()
+        return est

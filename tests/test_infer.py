@@ -1,6 +1,7 @@
 """Triage CLI on new studies: reading mixed folders and zips, slice order, fold averaging, flags, volume, outputs."""
 
 import json
+import shutil
 import zipfile
 from pathlib import Path
 
@@ -15,6 +16,8 @@ from src.config import load_config
 from src.constants import LABELS
 from src.dicom import read_hu, to_channels
 from src.model import build_model
+from src.stack import CVResult, GRUStacker, LGBMStacker, save_stackers, stack_model_dir
+from src.stack_features import assemble_series, neighbour_features, sequence_inputs
 
 EXP = "t_infer"
 SIZE = 64
@@ -186,7 +189,9 @@ def test_cli_averages_folds_flags_at_saved_thresholds_and_writes_outputs(messy_f
 
     studies = pd.read_csv(out / "studies.csv")
     assert list(studies.columns) == ["StudyInstanceUID", "PatientID", "n_slices", "verdict", *LABELS,
-                                     *[f"flag_{n}" for n in LABELS], "blood_volume_ml", "top_slices"]
+                                     *[f"flag_{n}" for n in LABELS], "blood_volume_ml", "top_slices",
+                                     "probabilities_from"]
+    assert studies["probabilities_from"].str.contains("no stacker").all()
     row = studies.iloc[0]
     assert row["n_slices"] == len(order) and row["verdict"] == "ICH suspected" and bool(row["flag_any"])
     assert not bool(row["flag_epidural"])
@@ -225,3 +230,105 @@ def test_default_thresholds_two_studies_and_nothing_usable(tmp_path, ckpts, caps
     assert "no usable DICOM slices" in capsys.readouterr().out
     with pytest.raises(infer.InputError, match="no fold"):
         infer.load_ensemble("no_such_exp")
+
+
+def per_fold_outputs(files: list[Path], ckpts: list[Path]) -> tuple[dict, dict]:
+    """Independent of src.infer: fold -> table (keys, position, probs, volume) and fold -> float16 embeddings."""
+    from src.bloodnet import load_model
+
+    x = torch.from_numpy(np.stack([to_channels(read_hu(f), SIZE) for f in files])).float() / 255.0
+    voxel = torch.tensor([PIXEL_MM**2 * (max(read_hu(f).shape) / SIZE) ** 2 * SPACING_MM for f in files])
+    tables, embs = {}, {}
+    with torch.no_grad():
+        for k, path in enumerate(ckpts):
+            model, _ = load_model(path)
+            outs = [model(view, voxel) for view in (x, torch.flip(x, dims=[-1]))]
+            table = pd.DataFrame({"ID": [f.stem for f in files], "PatientID": "ID_patA",
+                                  "StudyInstanceUID": "ID_studyA", "SeriesInstanceUID": "ID_studyA_s",
+                                  "position": SPACING_MM * np.arange(len(files))})
+            probs = np.mean([torch.sigmoid(o["logits"]).numpy() for o in outs], axis=0)
+            for j, name in enumerate(LABELS):
+                table[name] = probs[:, j]
+            table["blood_volume_mm3"] = np.mean([o["volume_mm3"].numpy() for o in outs], axis=0)
+            tables[k] = table
+            embs[k] = np.mean([o["embedding"].numpy() for o in outs], axis=0).astype(np.float16)
+    return tables, embs
+
+
+def fit_tiny_stackers(exp: str, tables: dict, embs: dict, with_gru: bool = True) -> None:
+    """Two 'CV' models per stacker fit on the study's own slices with made-up labels (bleeding = slices 2, 3)."""
+    rng = np.random.default_rng(0)
+    parts = []
+    for copy in range(6):  # six fake patients, so the stackers' grouped early-stopping split has groups
+        t = tables[0].assign(PatientID=f"P{copy}", SeriesInstanceUID=f"S{copy}", ID=tables[0]["ID"] + f"_{copy}")
+        t[list(LABELS)] = np.clip(t[list(LABELS)].to_numpy() + rng.normal(0, 0.05, (len(t), 6)), 0.01, 0.99)
+        parts.append(t)
+    table = assemble_series(pd.concat(parts, ignore_index=True))
+    y = np.zeros((len(table), 6))
+    y[table["slice_pos"].isin([2, 3]).to_numpy()] = 1.0
+    feats, groups = neighbour_features(table, 1), table["PatientID"].to_numpy()
+    emb = np.tile(embs[0][np.argsort(tables[0]["position"].to_numpy())], (6, 1))
+    X = sequence_inputs(table, emb)
+    halves = [table["PatientID"].isin(["P0", "P1", "P2", "P3"]).to_numpy(), table["PatientID"].ne("P0").to_numpy()]
+    lgbm = [LGBMStacker(n_estimators=20, min_child_samples=2, early_stopping_rounds=5, n_jobs=1).fit(
+        feats[r], y[r], groups[r]) for r in halves]
+    results = {"lgbm": CVResult(y, None, models=lgbm)}
+    if with_gru:
+        gru = [GRUStacker(epochs=2, hidden_size=8, proj_size=8, random_state=i).fit(
+            X[r], y[r], table["series_id"].to_numpy()[r], groups[r]) for i, r in enumerate(halves)]
+        results["gru"] = CVResult(y, None, models=gru)
+    save_stackers(exp, results, {"exp": exp, "cv_mode": "same_folds", "n_models": 2, "k": 1, "seed": 0,
+                                 "cnn_folds": [0, 1], "folds_available": [0, 1], "with_volume": True,
+                                 "lgbm_features": list(feats.columns), "emb_dim": int(emb.shape[1]),
+                                 "gru_n_features": int(X.shape[1])})
+
+
+def test_saved_stacker_runs_after_the_fold_models_with_its_thresholds(ckpts, tmp_path, capsys):
+    exp = "t_infer_stack"
+    mine = []
+    for k, path in enumerate(ckpts):
+        mine.append(paths.WORK / "models" / exp / f"fold{k}" / "best.pt")
+        mine[-1].parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, mine[-1])
+    folder = tmp_path / "study"
+    order = make_study(folder)
+    files = [folder / f"{i}.dcm" for i in order]
+    tables, embs = per_fold_outputs(files, mine)
+    fit_tiny_stackers(exp, tables, embs)
+    bundle = infer.load_stackers(exp)
+    want = bundle.predict(tables, embs)
+    cnn = np.mean([t[list(LABELS)].to_numpy() for t in tables.values()], axis=0)
+    assert np.abs(want["blend"] - cnn).max() > 1e-2  # the stacker moves the numbers: the check below can fail
+    stack_thr = paths.OOF_DIR / f"{exp}_stack_gru" / "report" / "thresholds.json"
+    stack_thr.parent.mkdir(parents=True, exist_ok=True)
+    stack_thr.write_text(json.dumps(infer.default_thresholds(0.8, 0.3)))
+
+    for kind in ("blend", "gru"):
+        out = tmp_path / f"out_{kind}"
+        assert infer.main([str(folder), "--exp", exp, "--out", str(out), "--stacker", kind]) == 0
+        slices = pd.read_csv(out / "slices.csv")
+        assert list(slices["ID"]) == order
+        np.testing.assert_allclose(slices[list(LABELS)], want[kind], atol=1e-5, err_msg=kind)
+        source = pd.read_csv(out / "studies.csv")["probabilities_from"].iloc[0]
+        payload = json.loads((out / "predictions.json").read_text())
+        assert payload["probabilities_from"] == source and source in capsys.readouterr().out
+        assert source.startswith(f"{kind} stacker") and "CNN folds 0,1" in source
+        # The GRU has its own thresholds.json; the blend has none, nor has the CNN: the documented default.
+        assert ("gru stacker's" in payload["thresholds_source"]) == (kind == "gru")
+        assert ("default p >= 0.5" in payload["thresholds_source"]) == (kind == "blend")
+    ens = infer.load_ensemble(exp)
+    assert ens.stacker_kind == "blend" and ens.stacker_folds() == [0, 1]
+    off = infer.load_ensemble(exp, stacker="none")
+    assert off.stacker is None and "no stacker (turned off" in off.source()
+    np.testing.assert_allclose(infer.run_models(off, *infer.load_study_files([folder], SIZE)[:2])["probs"], cnn,
+                               atol=1e-5)
+
+    fit_tiny_stackers(exp, tables, embs, with_gru=False)  # LightGBM only: the default falls back, a request fails
+    ens = infer.load_ensemble(exp)
+    assert ens.stacker_kind == "lgbm" and "blend not saved" in ens.stacker_note
+    with pytest.raises(infer.InputError, match="--stacker gru: gru not saved"):
+        infer.load_ensemble(exp, stacker="gru")
+    shutil.rmtree(stack_model_dir(exp))
+    assert infer.load_ensemble(exp).stacker is None
+    with pytest.raises(infer.InputError, match="none saved"):
+        infer.load_ensemble(exp, stacker="blend")

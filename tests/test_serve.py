@@ -123,6 +123,7 @@ def test_page_shows_a_study_and_bad_uploads(server, browser, study, tmp_path):
     browser.save_screenshot(str(ARTIFACTS / "serve_study.png"))
 
     assert browser.find_element(By.ID, "verdict").text == "ICH suspected"
+    assert browser.find_element(By.ID, "source").text.startswith("Probabilities from: mean of 2 CNN fold models")
     rows = browser.find_elements(By.CSS_SELECTOR, "#probs tbody tr")
     assert [r.get_attribute("data-label") for r in rows] == list(LABELS)
     shown = [float(r.find_element(By.CSS_SELECTOR, "td.prob").text) for r in rows]
@@ -193,3 +194,4 @@ def test_api_refuses_bad_uploads_and_keeps_running(server, study):
     assert status == 200 and [s["ID"] for s in body["slices"]] == order and body["skipped"] == []
     with urllib.request.urlopen(server + "/api/info", timeout=10) as r:
         assert r.status == 200 and "default-src 'self'" in r.headers["Content-Security-Policy"]
+        assert "no stacker" in json.loads(r.read())["probabilities_from"]

@@ -14,7 +14,16 @@ from sklearn.metrics import roc_auc_score
 from src.constants import FOLD_COL, ID_COL, LABELS, VOLUME_COL
 from src.errors import InputError
 from src.metrics import weighted_log_loss
-from src.stack import LGBMStacker, compare_predictions, cross_fit, level2_splits, main, run_stack
+from src.stack import (
+    LGBMStacker,
+    compare_predictions,
+    cross_fit,
+    level2_splits,
+    load_stackers,
+    main,
+    run_stack,
+    stack_model_dir,
+)
 from src.stack_features import SERIES_ID, assemble_series, join_series, neighbour_features, sequence_inputs
 from src.stack_gru import GRUStacker, SliceSequenceNet, length_mask, pad_batch, reverse_sequences, series_segments
 
@@ -349,3 +358,40 @@ def test_compare_uses_common_rows_and_study_max():
     assert table["slice_wll"].iloc[1] == pytest.approx(expected)
     assert table["study_wll"].iloc[1] == pytest.approx(expected)  # study s1 = max(0.9) on rows b only
     assert table["slice_wll_cut_%"].iloc[1] > 0
+
+
+# ---- saved stackers reused on new series ----
+
+def test_saved_stackers_reproduce_stack_test_predictions(tmp_path):
+    torch.set_num_threads(1)
+    meta_train, meta_test, valid, test = fake_pipeline(n_patients=20, seed=6)
+    for f in test:  # the CNN writes blood volume beside the probabilities; the stackers must carry it through
+        for df, _ in (valid[f], test[f]):
+            df[VOLUME_COL] = np.random.RandomState(f).uniform(0, 500, len(df))
+    write_oof(tmp_path, "rt", valid, test)
+    fast_gru = {**FAST_GRU, "epochs": 3}
+    run_stack("rt", tmp_path, meta_train, meta_test, n_folds=5, k=2, lgbm_params=FAST_LGBM, gru_params=fast_gru)
+    assert load_stackers("no_such_exp") is None
+    bundle = load_stackers("rt")
+    assert bundle.kinds == ("lgbm", "gru", "blend") and bundle.path == stack_model_dir("rt")
+    m = bundle.manifest
+    assert m["cnn_folds"] == [0, 1, 2, 3, 4] and m["with_volume"] and m["emb_dim"] == 8 and len(bundle.gru) == 5
+    # New series = four test studies, rows shuffled: the answer must not depend on the row order.
+    keep = meta_test[meta_test["PatientID"].isin(meta_test["PatientID"].unique()[:4])].sample(frac=1, random_state=0)
+    tables, embs = {}, {}
+    for f, (df, emb) in test.items():
+        rows = df.reset_index(drop=True).set_index(ID_COL).index.get_indexer(keep[ID_COL])
+        tables[f] = keep[[ID_COL, "PatientID", "StudyInstanceUID", "SeriesInstanceUID", "position"]].merge(
+            df.drop(columns=FOLD_COL), on=ID_COL, validate="one_to_one")
+        embs[f] = emb[rows]
+    got = bundle.predict(tables, embs)
+    for kind in ("lgbm", "gru", "blend"):
+        want = pd.read_csv(tmp_path / f"rt_stack_{kind}" / "stack_test.csv").set_index(ID_COL).loc[keep[ID_COL]]
+        np.testing.assert_allclose(got[kind], want[list(LABELS)].to_numpy(), rtol=1e-6, atol=1e-9, err_msg=kind)
+    cnn_mean = np.mean([t[list(LABELS)].to_numpy() for t in tables.values()], axis=0)
+    assert np.abs(got["blend"] - cnn_mean).max() > 1e-3  # the stacker really changed something
+    assert set(bundle.predict(tables, embs, kinds=["lgbm"])) == {"lgbm"}
+    with pytest.raises(InputError, match="embeddings"):
+        bundle.predict(tables, None, kinds=["gru"])
+    with pytest.raises(InputError, match="blood_volume_mm3"):
+        bundle.predict({0: tables[0].drop(columns=VOLUME_COL)}, kinds=["lgbm"])

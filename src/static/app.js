@@ -102,6 +102,7 @@ function render(r) {
   verdict.className = "verdict " + (positive ? "positive" : "negative");
   $("meta").textContent = `Study ${r.study} · ${r.n_slices} slices in ${r.series.length} series · ` +
     `model time ${r.seconds_model.toFixed(2)} s · ${r.model}`;
+  $("source").textContent = `Probabilities from: ${r.probabilities_from}`;
 
   const body = $("probs").querySelector("tbody");
   body.replaceChildren();
