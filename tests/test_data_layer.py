@@ -85,7 +85,7 @@ def dataset(tmp_path):
         position=(0.0, 0.0, 47.0),
     )  # no labels: left out
 
-    labelled = sorted(truth) + ["ID_000000e01", "ID_0000ghost"]
+    labelled = [*sorted(truth), "ID_000000e01", "ID_0000ghost"]
     labels = {name: _labels_for(i) for i, name in enumerate(labelled)}
     rows = [(f"{name}_{s}", labels[name][s]) for name in labelled for s in LABELS]
     csv = pd.DataFrame(rows, columns=["ID", "Label"])
@@ -146,17 +146,17 @@ def test_labels_csv_duplicates_dropped_and_malformed_rejected(tmp_path):
     assert list(wide.columns) == ["ID", *LABELS]
     assert wide.iloc[0].tolist() == ["ID_abc", 0, 0, 0, 0, 1, 1]
 
-    bad = rows[:3] + ["ID_abc_subdurall,1"] + rows[3:]
+    bad = [*rows[:3], "ID_abc_subdurall,1", *rows[3:]]
     path.write_text("ID,Label\n" + "\n".join(bad) + "\n")
     with pytest.raises(InputError, match=r"stage_2_train.csv: line 5 .*ID_abc_subdurall"):
         read_labels(path)
-    path.write_text("ID,Label\n" + "\n".join(rows[:5] + ["ID_abc_epidural,2"]) + "\n")
+    path.write_text("ID,Label\n" + "\n".join([*rows[:5], "ID_abc_epidural,2"]) + "\n")
     with pytest.raises(InputError, match=r"stage_2_train.csv: line 7 "):
         read_labels(path)
     path.write_text("image,target\nID_abc_any,1\n")
     with pytest.raises(InputError, match="expected columns ID,Label"):
         read_labels(path)
-    path.write_text("ID,Label\n" + "\n".join(rows + [rows[0].replace(",1", ",0")]) + "\n")
+    path.write_text("ID,Label\n" + "\n".join([*rows, rows[0].replace(",1", ",0")]) + "\n")
     with pytest.raises(InputError, match="conflicting labels"):
         read_labels(path)
 

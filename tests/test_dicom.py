@@ -107,7 +107,7 @@ def test_truncated_pixel_data_raises_with_file_and_reason(tmp_path):
 def test_not_a_dicom_file(tmp_path):
     path = tmp_path / "ID_text.dcm"
     path.write_text("hello")
-    with pytest.raises(DicomError, match="ID_text.dcm: not a readable DICOM"):
+    with pytest.raises(DicomError, match=r"ID_text\.dcm: not a readable DICOM"):
         read_hu(path)
 
 
