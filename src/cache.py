@@ -18,7 +18,7 @@ from tqdm import tqdm
 from src import paths
 from src.atomic import write_csv, write_json
 from src.constants import ID_COL, WINDOWS
-from src.dicom import DicomError, mask_to_size, read_hu, to_channels
+from src.dicom import DicomError, mask_to_size, read_channels
 from src.errors import InputError, run_cli
 from src.metadata import load_metadata
 
@@ -80,7 +80,7 @@ def _process_chunk(task: dict) -> tuple[int, list[list]]:
     bad: list[list] = []
     for image_id, rel, rows, cols, cache_row, mask_row in task["rows"]:
         try:
-            images[cache_row] = to_channels(read_hu(data_dir / rel), size)
+            read_channels(data_dir / rel, size, out=images[cache_row])
         except DicomError as err:
             images[cache_row] = 0
             bad.append([image_id, rel, err.reason, "image"])

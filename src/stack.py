@@ -27,6 +27,11 @@ from src.stack_gru import GRUStacker
 KINDS = ("lgbm", "gru", "blend")
 
 
+def _logit(p: np.ndarray) -> np.ndarray:
+    p = np.clip(np.asarray(p, dtype=np.float64), 1e-6, 1.0 - 1e-6)
+    return np.log(p) - np.log1p(-p)
+
+
 class LGBMStacker(BaseEstimator):
     """One LightGBM binary model per label; early stopping on an inner validation split grouped by patient."""
 
@@ -72,8 +77,11 @@ class LGBMStacker(BaseEstimator):
                 self.boosters_.append(float((y[:, j].sum() + 0.5) / (len(y) + 1.0)))
                 self.best_iterations_.append(0)
                 continue
-            train_set = lgb.Dataset(X.iloc[tr], y[tr, j], free_raw_data=True)
-            valid_set = lgb.Dataset(X.iloc[va], y[va, j], reference=train_set)
+            # Boost from the CNN's own logit (init_score): trees learn a correction to the slice's probability, so
+            # with little OOF (one fold) early stopping keeps the CNN rather than a worse model from scratch.
+            base = _logit(X[name].to_numpy())
+            train_set = lgb.Dataset(X.iloc[tr], y[tr, j], init_score=base[tr], free_raw_data=True)
+            valid_set = lgb.Dataset(X.iloc[va], y[va, j], init_score=base[va], reference=train_set)
             booster = lgb.train(params, train_set, num_boost_round=self.n_estimators, valid_sets=[valid_set],
                                 valid_names=[f"inner_{name}"],
                                 callbacks=[lgb.early_stopping(self.early_stopping_rounds, verbose=self.verbose),
@@ -88,7 +96,11 @@ class LGBMStacker(BaseEstimator):
             raise ValueError("feature columns differ from those seen in fit")
         out = np.empty((len(X), len(LABELS)))
         for j, (booster, best) in enumerate(zip(self.boosters_, self.best_iterations_)):
-            out[:, j] = booster if isinstance(booster, float) else booster.predict(X, num_iteration=best)
+            if isinstance(booster, float):
+                out[:, j] = booster
+            else:
+                raw = booster.predict(X, num_iteration=best, raw_score=True) + _logit(X[LABELS[j]].to_numpy())
+                out[:, j] = 1.0 / (1.0 + np.exp(-raw))
         return out
 
     def to_dict(self) -> dict:
