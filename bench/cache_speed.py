@@ -37,7 +37,8 @@ from pydicom.uid import ExplicitVRLittleEndian
 from src import cache, paths
 from src.atomic import write_json, write_text
 from src.constants import WINDOWS
-from src.dicom import read_channels, read_hu, resize, to_channels, window
+from src.dicom import read_hu, resize, to_channels, window
+from src.dicom_fast import read_channels
 from src.metadata import load_metadata
 
 PX = 512

@@ -18,7 +18,8 @@ from tqdm import tqdm
 from src import paths
 from src.atomic import write_csv, write_json
 from src.constants import ID_COL, WINDOWS
-from src.dicom import DicomError, mask_to_size, read_channels
+from src.dicom import DicomError, mask_to_size
+from src.dicom_fast import read_channels
 from src.errors import InputError, run_cli
 from src.metadata import load_metadata
 

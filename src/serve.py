@@ -19,13 +19,12 @@ from src.errors import InputError, run_cli
 from src.infer import (
     DEFAULT_PRECISION,
     DEFAULT_STACKER,
-    STUDY,
     Ensemble,
     load_ensemble,
     load_study_files,
     predict_study,
-    study_record,
 )
+from src.infer_outputs import STUDY, study_record
 from src.stack import KINDS
 
 STATIC = Path(__file__).resolve().parent / "static"

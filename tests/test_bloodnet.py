@@ -10,7 +10,7 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from src import bloodnet
+from src import bloodnet, checkpoints, overlays
 from src.config import load_config
 from src.constants import LABELS, VOLUME_COL
 from src.data import SliceDataset, voxel_volume_mm3
@@ -125,14 +125,14 @@ def test_load_model_round_trip(tmp_path):
     cfg = _cfg("context=1", "pretrained_path=/nowhere/gone.pth")  # the file is never read back
     model = build_model(load_config(None, ["backbone=resnet10t", "arch=bloodnet", "drop_rate=0", "context=1"]))
     save_checkpoint(tmp_path / "best.pt", model, cfg, epoch=3)
-    loaded, loaded_cfg = bloodnet.load_model(tmp_path / "best.pt")
+    loaded, loaded_cfg = checkpoints.load_model(tmp_path / "best.pt")
     assert loaded_cfg == cfg and not loaded.training
     x, voxel = torch.rand(2, 9, S, S), torch.tensor([1.0, 3.0])
     with torch.no_grad():
         a, b = model.eval()(x, voxel), loaded(x, voxel)
     assert torch.equal(a["logits"], b["logits"]) and torch.equal(a["volume_mm3"], b["volume_mm3"])
     with pytest.raises(InputError, match="checkpoint not found"):
-        bloodnet.load_model(tmp_path / "missing.pt")
+        checkpoints.load_model(tmp_path / "missing.pt")
 
 
 def _volume_inputs():
@@ -222,18 +222,18 @@ def test_pick_studies_and_overlay_png(tmp_path):
     meta = _meta(6, [1, 1, 0, 0, 1, 0], [0, 1, -1, -1, -1, -1])
     meta["StudyInstanceUID"] = ["P1", "P1", "N1", "N2", "P2", "P2"]
     oof = pd.DataFrame({"ID": meta["ID"], "any": [0.9, 0.8, 0.2, 0.6, 0.7, 0.1]})
-    picks = bloodnet.pick_studies(meta, 1, oof)
+    picks = overlays.pick_studies(meta, 1, oof)
     assert picks[0][0] == "P1" and picks[1][0] == "N2" and "0.600" in picks[1][1]
-    assert [s for s, _ in bloodnet.pick_studies(meta, 5)] == ["P1", "P2", "N1"]
+    assert [s for s, _ in overlays.pick_studies(meta, 5)] == ["P1", "P2", "N1"]
     rows = meta[meta["StudyInstanceUID"] == "P1"].reset_index(drop=True)
     images = np.random.default_rng(0).integers(0, 255, (6, 3, S, S), dtype=np.uint8)
     masks = np.zeros((2, S, S), np.uint8)
     masks[:, 8:16, 8:16] = 1
     torch.manual_seed(0)
     cfg = _cfg()
-    pred = bloodnet.predict_study(build_model(cfg).eval(), cfg, rows, images, masks, torch.device("cpu"))
+    pred = overlays.predict_study(build_model(cfg).eval(), cfg, rows, images, masks, torch.device("cpu"))
     assert pred["seg"].shape == (2, S, S) and pred["mask_state"].tolist() == [1, 1]
-    png = bloodnet.plot_study_overlay(rows, pred, images, masks, 2, 0, "P1", tmp_path / "o.png")
+    png = overlays.plot_study_overlay(rows, pred, images, masks, 2, 0, "P1", tmp_path / "o.png")
     assert png.stat().st_size > 5000
 
 

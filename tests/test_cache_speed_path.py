@@ -1,4 +1,4 @@
-"""src.dicom.read_channels (the cache builder's fast path) against the reference to_channels(read_hu(path))."""
+"""src.dicom_fast.read_channels (the cache builder's fast path) against the reference to_channels(read_hu(path))."""
 
 from __future__ import annotations
 
@@ -10,8 +10,9 @@ from dicom_factory import make_dicom
 from pydicom.dataset import Dataset
 from pydicom.uid import ImplicitVRLittleEndian
 
-from src import dicom
-from src.dicom import DicomError, read_channels, read_hu, to_channels
+from src import dicom, dicom_fast
+from src.dicom import DicomError, read_hu, to_channels
+from src.dicom_fast import read_channels
 
 # Stated tolerance: bit for bit when slope is 1, the intercept an integer and the shrink factor an integer (RSNA
 # 512 px to 256/128 px: every sum is exact) or when nothing is resized; otherwise within 1 grey level, because the
@@ -184,6 +185,6 @@ def test_lut_matches_pydicom_for_every_code_word(tmp_path):
     """All 65536 code words of a 12-bit unsigned file through pydicom's pixel_array vs the cached HU LUT."""
     codes = np.arange(1 << 16, dtype=np.uint16).reshape(256, 256)
     path = make_dicom(tmp_path / "ID_all.dcm", codes, signed=False, bits_stored=12, intercept=-1024.0)
-    np.testing.assert_array_equal(dicom._hu_lut(1.0, -1024.0, 12, False, False).reshape(256, 256), read_hu(path))
+    np.testing.assert_array_equal(dicom_fast._hu_lut(1.0, -1024.0, 12, False, False).reshape(256, 256), read_hu(path))
     signed = make_dicom(tmp_path / "ID_alls.dcm", codes.view(np.int16), bits_stored=10, intercept=-3.0, slope=0.5)
-    np.testing.assert_array_equal(dicom._hu_lut(0.5, -3.0, 10, True, False).reshape(256, 256), read_hu(signed))
+    np.testing.assert_array_equal(dicom_fast._hu_lut(0.5, -3.0, 10, True, False).reshape(256, 256), read_hu(signed))

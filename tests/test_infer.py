@@ -16,7 +16,8 @@ from src.config import load_config
 from src.constants import LABELS
 from src.dicom import read_hu, to_channels
 from src.model import build_model
-from src.stack import CVResult, GRUStacker, LGBMStacker, save_stackers, stack_model_dir
+from src.stack import CVResult, GRUStacker, LGBMStacker
+from src.stack_bundle import save_stackers, stack_model_dir
 from src.stack_features import assemble_series, neighbour_features, sequence_inputs
 
 EXP = "t_infer"
@@ -85,7 +86,7 @@ def save_tiny_checkpoints(calib: list[Path], exp: str = EXP, n_folds: int = 2, a
 
 def expected_outputs(files: list[Path], ckpts: list[Path]) -> tuple[np.ndarray, np.ndarray]:
     """Independent of src.infer: probs [n, 6] and volume_mm3 [n], mean over models and the flip view."""
-    from src.bloodnet import load_model
+    from src.checkpoints import load_model
 
     x = torch.from_numpy(np.stack([to_channels(read_hu(f), SIZE) for f in files])).float() / 255.0
     shapes = [read_hu(f).shape for f in files]
@@ -234,7 +235,7 @@ def test_default_thresholds_two_studies_and_nothing_usable(tmp_path, ckpts, caps
 
 def per_fold_outputs(files: list[Path], ckpts: list[Path]) -> tuple[dict, dict]:
     """Independent of src.infer: fold -> table (keys, position, probs, volume) and fold -> float16 embeddings."""
-    from src.bloodnet import load_model
+    from src.checkpoints import load_model
 
     x = torch.from_numpy(np.stack([to_channels(read_hu(f), SIZE) for f in files])).float() / 255.0
     voxel = torch.tensor([PIXEL_MM**2 * (max(read_hu(f).shape) / SIZE) ** 2 * SPACING_MM for f in files])

@@ -19,11 +19,10 @@ from src.stack import (
     compare_predictions,
     cross_fit,
     level2_splits,
-    load_stackers,
     main,
     run_stack,
-    stack_model_dir,
 )
+from src.stack_bundle import load_stackers, stack_model_dir
 from src.stack_features import SERIES_ID, assemble_series, join_series, neighbour_features, sequence_inputs
 from src.stack_gru import GRUStacker, SliceSequenceNet, length_mask, pad_batch, reverse_sequences, series_segments
 

@@ -1,0 +1,51 @@
+"""Checkpoint -> model: rebuild the network a checkpoint was trained as, from its own saved config."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from src.config import AugConfig, Config
+from src.errors import InputError
+
+
+def config_from_dict(values: dict) -> Config:
+    """A Config from dataclasses.asdict output; keys this code no longer knows are dropped with a note."""
+    known = {f.name for f in dataclasses.fields(Config)}
+    aug_known = {f.name for f in dataclasses.fields(AugConfig)}
+    dropped = sorted(set(values) - known) + [f"aug.{k}" for k in sorted(set(values.get("aug") or {}) - aug_known)]
+    if dropped:
+        print(f"note: checkpoint config keys not in this version, ignored: {', '.join(dropped)}", file=sys.stderr)
+    kwargs = {k: v for k, v in values.items() if k in known and k != "aug"}
+    if "class_weights" in kwargs:
+        kwargs["class_weights"] = tuple(kwargs["class_weights"])
+    aug = AugConfig(**{k: v for k, v in (values.get("aug") or {}).items() if k in aug_known})
+    return Config(**kwargs, aug=aug)
+
+
+def load_model(checkpoint_path: str | os.PathLike) -> tuple[nn.Module, Config]:
+    """Rebuild the model a checkpoint was trained as (its own config), load the weights, return it in eval mode."""
+    from src.model import build_model
+
+    path = Path(checkpoint_path)
+    if not path.exists():
+        raise InputError(f"{path}: checkpoint not found")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # a truncated or foreign file is a user-facing problem, not a traceback
+        raise InputError(f"{path}: cannot read checkpoint ({err})") from err
+    if not isinstance(state, dict) or "config" not in state or "model" not in state:
+        raise InputError(f"{path}: not a training checkpoint (expects 'config' and 'model' entries)")
+    cfg = config_from_dict(state["config"])
+    # The weights come from the checkpoint: never re-read the pretrained file (it may be gone on this machine).
+    model = build_model(dataclasses.replace(cfg, pretrained_path=""))
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as err:
+        raise InputError(f"{path}: weights do not fit {cfg.arch}/{cfg.backbone} ({str(err).splitlines()[0]})") from err
+    return model.eval(), cfg
