@@ -306,7 +306,7 @@ def run_models(ens: Ensemble, slices: pd.DataFrame, images: np.ndarray, batch_si
                 if seg is not None:
                     s = torch.sigmoid(out["seg_logits"][:, 0].float())
                     seg[idx] += (torch.flip(s, dims=[-1]) if flipped else s).numpy() / k
-                    volume[idx] += out["volume_mm3"].float().numpy() / k
+                    volume[idx] += out["mask_volume_mm3"].numpy() / k
     for part in per_fold.values():
         # Embeddings are stored as float16 for the stacker's training; feed it the same rounding.
         part["embedding"] = part["embedding"].astype(np.float16)
@@ -319,11 +319,11 @@ def _add_fold_outputs(per_fold: dict, fold: int, idx: slice, n: int, out: dict, 
     if part is None:
         part = per_fold[fold] = {"probs": np.zeros((n, len(LABELS))),
                                  "embedding": np.zeros((n, out["embedding"].shape[1])),
-                                 "volume_mm3": np.zeros(n) if "volume_mm3" in out else None}
+                                 "volume_mm3": np.zeros(n) if "mask_volume_mm3" in out else None}
     part["probs"][idx] += torch.sigmoid(out["logits"].float()).numpy() / n_views
     part["embedding"][idx] += out["embedding"].float().numpy() / n_views
     if part["volume_mm3"] is not None:
-        part["volume_mm3"][idx] += out["volume_mm3"].float().numpy() / n_views
+        part["volume_mm3"][idx] += out["mask_volume_mm3"].numpy() / n_views
 
 
 def apply_stacker(ens: Ensemble, slices: pd.DataFrame, per_fold: dict[int, dict[str, np.ndarray]]) -> np.ndarray:

@@ -11,13 +11,14 @@ import pandas as pd
 
 from src.atomic import atomic_path, write_csv, write_json
 from src.constants import ID_COL, LABELS, VOLUME_COL, WINDOWS
+from src.model import MASK_CUTOFF
 
 if TYPE_CHECKING:
     from src.infer import Ensemble
 
 STUDY, SERIES = "StudyInstanceUID", "SeriesInstanceUID"
 OVERLAY_MIN_PX = 256  # overlays are drawn at least this large (models often run at 128 px)
-SEG_CUTOFF = 0.5  # pixel probability drawn as blood in the overlays
+SEG_CUTOFF = MASK_CUTOFF  # the pixel probability counted as blood, drawn in the overlays
 SLICE_COLUMNS = [STUDY, SERIES, ID_COL, "slice_index", "position", *LABELS, VOLUME_COL, "path"]
 SUBDURAL = [name for name, _, _ in WINDOWS].index("subdural")
 

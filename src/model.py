@@ -13,6 +13,7 @@ from src.errors import InputError
 
 # log1p(mm³ / VOLUME_SCALE) keeps the volume feature O(1): a large bleed is ~10⁴–10⁵ mm³ per slice.
 VOLUME_SCALE_MM3 = 100.0
+MASK_CUTOFF = 0.5  # pixel probability counted as blood in the reported volume and drawn in overlays
 
 
 def create_timm(cfg: Config, **kwargs) -> nn.Module:
@@ -97,7 +98,12 @@ class SegClassifier(nn.Module):
         embedding = features[-1].mean(dim=(2, 3))
         out = {"seg_logits": seg_logits, "embedding": embedding}
         if voxel_mm3 is not None:
-            out["volume_mm3"] = torch.sigmoid(seg_logits.float()).sum(dim=(1, 2, 3)) * voxel_mm3.float()
+            prob = torch.sigmoid(seg_logits.float())
+            # The head's feature is the paper's soft sum of probabilities (differentiable). The reported volume
+            # counts pixels at p >= 0.5: a faint background of p ~ 0.03 over a whole slice would otherwise add
+            # ~10 mL to every slice, blood or not.
+            out["volume_mm3"] = prob.sum(dim=(1, 2, 3)) * voxel_mm3.float()
+            out["mask_volume_mm3"] = (prob >= MASK_CUTOFF).sum(dim=(1, 2, 3)).float() * voxel_mm3.float()
         head_input = self.dropout(embedding)
         if self.use_volume:
             if voxel_mm3 is None:

@@ -51,7 +51,7 @@ def predict_study(model: nn.Module, cfg: Config, meta: pd.DataFrame, images: np.
         out = model(x, torch.stack([it["voxel_mm3"] for it in items]).to(device))
         seg.append(torch.sigmoid(out["seg_logits"][:, 0].float()).cpu().numpy())
         p_any.append(torch.sigmoid(out["logits"][:, LABELS.index("any")].float()).cpu().numpy())
-        vol.append(out["volume_mm3"].float().cpu().numpy())
+        vol.append(out["mask_volume_mm3"].cpu().numpy())
     return {"seg": np.concatenate(seg), "any": np.concatenate(p_any), "volume_mm3": np.concatenate(vol),
             "mask_state": ds.mask_state, "voxel_mm3": ds.voxel_mm3}
 

@@ -40,6 +40,6 @@ def predict_loader(
         parts["index"].append(batch["index"].numpy())
         parts["probs"].append(torch.stack([torch.sigmoid(o["logits"].float()) for o in outs]).mean(0).cpu().numpy())
         parts["embedding"].append(torch.stack([o["embedding"].float() for o in outs]).mean(0).cpu().numpy())
-        if "volume_mm3" in outs[0]:
-            parts["volume_mm3"].append(torch.stack([o["volume_mm3"].float() for o in outs]).mean(0).cpu().numpy())
+        if "mask_volume_mm3" in outs[0]:  # the reported volume: pixels at p >= 0.5 (see model.MASK_CUTOFF)
+            parts["volume_mm3"].append(torch.stack([o["mask_volume_mm3"] for o in outs]).mean(0).cpu().numpy())
     return {k: np.concatenate(v) if v else np.empty(0) for k, v in parts.items() if v or k != "volume_mm3"}

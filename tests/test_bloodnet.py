@@ -68,6 +68,19 @@ def test_model_volume_is_probability_sum_times_voxel_and_feeds_the_head():
         assert float(model(torch.rand(1, 3, S, S), torch.tensor([18.0]))["volume_mm3"]) < 1e-6
 
 
+def test_reported_volume_counts_confident_pixels_only():
+    """A faint background (p = 0.03 everywhere) adds to the soft feature but not to the reported mask volume."""
+    model = build_model(_cfg()).eval()
+    with torch.no_grad():
+        model.seg_head.weight.zero_()
+        model.seg_head.bias.fill_(math.log(0.03 / 0.97))
+        out = model(torch.rand(1, 3, S, S), torch.tensor([18.0]))
+        assert math.isclose(float(out["volume_mm3"]), 0.03 * S * S * 18.0, rel_tol=1e-4)
+        assert float(out["mask_volume_mm3"]) == 0.0
+        model.seg_head.bias.fill_(3.0)  # confident everywhere: every pixel counts, S * S voxels of 18 mm³
+        assert float(model(torch.rand(1, 3, S, S), torch.tensor([18.0]))["mask_volume_mm3"]) == S * S * 18.0
+
+
 def test_positive_slice_without_mask_is_unknown_and_left_out_of_seg_loss():
     meta = _meta(3, [1, 0, 1], [0, -1, -1])  # painted positive, negative, positive without a mask
     images = np.random.default_rng(0).integers(0, 255, (3, 3, S, S), dtype=np.uint8)

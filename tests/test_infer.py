@@ -98,7 +98,7 @@ def expected_outputs(files: list[Path], ckpts: list[Path]) -> tuple[np.ndarray, 
             for view in (x, torch.flip(x, dims=[-1])):
                 out = model(view, voxel)
                 probs.append(torch.sigmoid(out["logits"]).numpy())
-                vol.append(out["volume_mm3"].numpy())
+                vol.append(out["mask_volume_mm3"].numpy())
     return np.mean(probs, axis=0), np.mean(vol, axis=0)
 
 
@@ -250,7 +250,7 @@ def per_fold_outputs(files: list[Path], ckpts: list[Path]) -> tuple[dict, dict]:
             probs = np.mean([torch.sigmoid(o["logits"]).numpy() for o in outs], axis=0)
             for j, name in enumerate(LABELS):
                 table[name] = probs[:, j]
-            table["blood_volume_mm3"] = np.mean([o["volume_mm3"].numpy() for o in outs], axis=0)
+            table["blood_volume_mm3"] = np.mean([o["mask_volume_mm3"].numpy() for o in outs], axis=0)
             tables[k] = table
             embs[k] = np.mean([o["embedding"].numpy() for o in outs], axis=0).astype(np.float16)
     return tables, embs
