@@ -49,8 +49,9 @@ def _json_safe(value):
 def ablation_configs(cfg: Config) -> dict[str, Config]:
     """The three variants of one base config; the classifier gets the same total epochs as the 3-step schedule."""
     budget = cfg.seg_epochs + cfg.head_epochs + cfg.joint_epochs
-    base = cfg.exp or f"ablation-{cfg.backbone}-{cfg.image_size}px-c{cfg.context}"
-    return {arch: dataclasses.replace(cfg, arch=arch, exp=f"{base}-{arch}", epochs=budget,
+    # Without an explicit exp each variant keeps its derived name (<arch>-<backbone>-<size>px-c<context>), so a fold
+    # that `run_fold.sh` already trained under the same settings is reused rather than trained again.
+    return {arch: dataclasses.replace(cfg, arch=arch, exp=f"{cfg.exp}-{arch}" if cfg.exp else "", epochs=budget,
                                       aug=dataclasses.replace(cfg.aug)) for arch in VARIANTS}
 
 
@@ -141,7 +142,7 @@ def run_ablation(cfg: Config, fold: int, data_dir: Path, n_boot: int = 1000, see
         out_dir = run_fold(variant, fold, data_dir)
         path = out_dir / f"fold{fold}_valid.csv"
         if not path.exists():
-            raise InputError(f"{path}: validation predictions missing after training {variant.exp}")
+            raise InputError(f"{path}: validation predictions missing after training {variant.exp_name}")
         preds[name] = pd.read_csv(path, dtype={ID_COL: str})
         epochs_run[name] = len(pd.read_csv(out_dir / f"fold{fold}_epochs.csv"))
     table = ablation_table(preds, load_metadata(data_dir, "train"), n_boot=n_boot, seed=seed)
