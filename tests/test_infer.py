@@ -11,7 +11,7 @@ import pytest
 import torch
 from dicom_factory import make_dicom, tilted_orientation
 
-from src import infer, outputs, paths
+from src import infer, infer_outputs, outputs, paths
 from src.config import load_config
 from src.constants import LABELS
 from src.dicom import read_hu, to_channels
@@ -182,7 +182,7 @@ def test_cli_averages_folds_flags_at_saved_thresholds_and_writes_outputs(messy_f
     assert "ICH SUSPECTED" in screen and "3 files skipped" in screen and str(report) in screen
 
     slices = pd.read_csv(out / "slices.csv")
-    assert list(slices.columns) == [*infer.SLICE_COLUMNS, "flag_any"]
+    assert list(slices.columns) == [*infer_outputs.SLICE_COLUMNS, "flag_any"]
     assert list(slices["ID"]) == order
     np.testing.assert_allclose(slices[list(LABELS)].to_numpy(), want_p, atol=1e-5)
     np.testing.assert_allclose(slices["blood_volume_mm3"], want_vol, rtol=1e-4)
