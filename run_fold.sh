@@ -44,6 +44,10 @@ stage "folds" -m src.folds "${data_args[@]}" --n-folds "$("$PY" -m src.config "$
 stage "train fold $fold" -m src.train --fold "$fold" "${config_args[@]}" "${data_args[@]}"
 
 # Everything below works on whatever predictions exist after this fold (one fold, or all of them).
+if [ "$("$PY" -m src.config "${config_args[@]}" --get arch)" != "classifier" ] && [ "$fold" -ge 0 ]; then
+  stage "blood volume per study" -m src.bloodnet volumes --pred "oof/$exp" "${data_args[@]}"
+  stage "overlays of predicted blood" -m src.bloodnet overlays --exp "$exp" --fold "$fold" "${data_args[@]}"
+fi
 if compgen -G "oof/$exp/fold[0-9]*_valid.csv" > /dev/null; then
   stage "sequence stackers on the available OOF" -m src.stack --exp "$exp" "${data_args[@]}"
 fi
