@@ -63,8 +63,10 @@ class Ensemble:
 
     def stacker_folds(self) -> list[int]:
         """The stacker's CNN folds that have a checkpoint here: their outputs are what the stacker reads."""
+        if self.stacker is None:
+            return []
         have = {self.fold_of(k) for k in range(len(self.models))}
-        return [f for f in self.stacker.manifest["cnn_folds"] if f in have] if self.stacker else []
+        return [f for f in self.stacker.manifest["cnn_folds"] if f in have]
 
     def source(self) -> str:
         """One line: which model produced the probabilities."""
