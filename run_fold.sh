@@ -56,8 +56,23 @@ for pred in "oof/$exp" "oof/${exp}_stack_lgbm" "oof/${exp}_stack_gru" "oof/${exp
     stage "report: $pred" -m src.report --pred "$pred" "${data_args[@]}" --triage
   fi
 done
-best_pred="oof/$exp"
-[ -f "oof/${exp}_stack_blend/stack_test.csv" ] && best_pred="oof/${exp}_stack_blend"
+# Submit from whichever predictions score best on the same OOF rows: a stacker fit on one fold's OOF can be worse
+# than the CNN it stacks, and then the CNN's own test predictions go in.
+best_pred="$("$PY" - "$exp" <<'PYEOF'
+import json, sys
+from pathlib import Path
+
+exp = sys.argv[1]
+scores = {}  # prediction dir -> OOF weighted log loss; every stacker reports the CNN's on the same rows
+for kind in ("blend", "lgbm", "gru"):
+    folder = Path(f"oof/{exp}_stack_{kind}")
+    if (folder / "metrics.json").exists() and (folder / "stack_test.csv").exists():
+        metrics = json.loads((folder / "metrics.json").read_text())
+        scores[str(folder)] = metrics["stacked"]["weighted_log_loss"]
+        scores[f"oof/{exp}"] = metrics["cnn_same_rows"]["weighted_log_loss"]
+print(min(scores, key=scores.get) if scores else f"oof/{exp}")
+PYEOF
+)"
 stage "submission from $best_pred" -m src.submit --pred "$best_pred" --name "${exp}_fold${fold}" "${data_args[@]}"
 data_dir="$("$PY" -c 'import sys; from src.paths import resolve_data_dir; print(resolve_data_dir(sys.argv[1] or None))' "${data_args[1]:-}")"
 stage "check the submission" -m src.submit --check "submissions/${exp}_fold${fold}.csv" \
