@@ -19,9 +19,10 @@ from src.constants import ID_COL, LABELS, SERIES_KEYS, VOLUME_COL
 from src.errors import InputError
 from src.stack_features import SERIES_ID, assemble_series, join_series, neighbour_features, sequence_inputs
 from src.stack_gru import GRUStacker
+from src.stack_lgbm import LGBMStacker
 
 if TYPE_CHECKING:
-    from src.stack import CVResult, LGBMStacker
+    from src.stack import CVResult
 
 
 def mean_over_folds(parts: Sequence[pd.DataFrame]) -> pd.DataFrame:
@@ -136,7 +137,6 @@ def load_stackers(exp: str, device: str = "cpu", model_dir: Path | None = None) 
     manifest_path = model_dir / "manifest.json"
     if not manifest_path.exists():
         return None
-    from src.stack import LGBMStacker  # here, not at the top: src.stack imports this module
 
     try:
         manifest = json.loads(manifest_path.read_text())

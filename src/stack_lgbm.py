@@ -1,0 +1,133 @@
+"""The LightGBM level-2 stacker: one booster per label on neighbour features, boosting from the CNN's logit."""
+
+from __future__ import annotations
+
+import lightgbm as lgb
+import numpy as np
+import pandas as pd
+from sklearn.base import BaseEstimator
+from sklearn.model_selection import GroupShuffleSplit
+
+from src.constants import LABELS
+
+
+def _logit(p: np.ndarray) -> np.ndarray:
+    p = np.clip(np.asarray(p, dtype=np.float64), 1e-6, 1.0 - 1e-6)
+    return np.log(p) - np.log1p(-p)
+
+
+class LGBMStacker(BaseEstimator):
+    """One LightGBM binary model per label; early stopping on an inner validation split grouped by patient."""
+
+    def __init__(
+        self,
+        n_estimators: int = 2000,
+        learning_rate: float = 0.03,
+        num_leaves: int = 15,
+        min_child_samples: int = 20,
+        subsample: float = 0.8,
+        colsample_bytree: float = 0.5,
+        reg_lambda: float = 1.0,
+        valid_fraction: float = 0.2,
+        early_stopping_rounds: int = 100,
+        n_jobs: int = 2,
+        verbose: bool = False,
+        random_state: int = 0,
+    ) -> None:
+        self.n_estimators = n_estimators
+        self.learning_rate = learning_rate
+        self.num_leaves = num_leaves
+        self.min_child_samples = min_child_samples
+        self.subsample = subsample
+        self.colsample_bytree = colsample_bytree
+        self.reg_lambda = reg_lambda
+        self.valid_fraction = valid_fraction
+        self.early_stopping_rounds = early_stopping_rounds
+        self.n_jobs = n_jobs
+        self.verbose = verbose
+        self.random_state = random_state
+
+    def fit(self, X: pd.DataFrame, y: np.ndarray, groups: np.ndarray | None = None) -> LGBMStacker:
+        y = np.asarray(y, dtype=np.float64)
+        if y.shape != (len(X), len(LABELS)):
+            raise ValueError(f"y must be [{len(X)}, {len(LABELS)}], got {y.shape}")
+        groups = np.arange(len(X)) if groups is None else np.asarray(groups)
+        if len(np.unique(groups)) < 2:
+            raise ValueError("need at least two groups (patients) for the early-stopping split")
+        self.feature_names_in_ = np.asarray(X.columns, dtype=object)
+        self.n_features_in_ = X.shape[1]
+        split = GroupShuffleSplit(n_splits=1, test_size=self.valid_fraction, random_state=self.random_state)
+        tr, va = next(split.split(X, groups=groups))
+        params = {
+            "objective": "binary",
+            "learning_rate": self.learning_rate,
+            "num_leaves": self.num_leaves,
+            "min_data_in_leaf": self.min_child_samples,
+            "bagging_fraction": self.subsample,
+            "bagging_freq": 1,
+            "feature_fraction": self.colsample_bytree,
+            "lambda_l2": self.reg_lambda,
+            "num_threads": self.n_jobs,
+            "seed": self.random_state,
+            "deterministic": True,
+            "verbosity": -1,
+        }
+        self.boosters_: list[lgb.Booster | float] = []
+        self.best_iterations_: list[int] = []
+        for j, name in enumerate(LABELS):
+            if len(np.unique(y[tr, j])) < 2:
+                # One class only: LightGBM cannot learn a split; predict the (smoothed) training rate.
+                self.boosters_.append(float((y[:, j].sum() + 0.5) / (len(y) + 1.0)))
+                self.best_iterations_.append(0)
+                continue
+            # Boost from the CNN's own logit (init_score): trees learn a correction to the slice's probability, so
+            # with little OOF (one fold) early stopping keeps the CNN rather than a worse model from scratch.
+            base = _logit(X[name].to_numpy())
+            train_set = lgb.Dataset(X.iloc[tr], y[tr, j], init_score=base[tr], free_raw_data=True)
+            valid_set = lgb.Dataset(X.iloc[va], y[va, j], init_score=base[va], reference=train_set)
+            booster = lgb.train(
+                params,
+                train_set,
+                num_boost_round=self.n_estimators,
+                valid_sets=[valid_set],
+                valid_names=[f"inner_{name}"],
+                callbacks=[
+                    lgb.early_stopping(self.early_stopping_rounds, verbose=self.verbose),
+                    lgb.log_evaluation(period=100 if self.verbose else 0),
+                ],
+            )
+            self.boosters_.append(booster)
+            self.best_iterations_.append(int(booster.best_iteration or booster.current_iteration()))
+        return self
+
+    def predict_proba(self, X: pd.DataFrame) -> np.ndarray:
+        """[N, 6] probabilities in LABELS order."""
+        if list(X.columns) != list(self.feature_names_in_):
+            raise ValueError("feature columns differ from those seen in fit")
+        out = np.empty((len(X), len(LABELS)))
+        for j, (booster, best) in enumerate(zip(self.boosters_, self.best_iterations_)):
+            if isinstance(booster, float):
+                out[:, j] = booster
+            else:
+                raw = booster.predict(X, num_iteration=best, raw_score=True) + _logit(X[LABELS[j]].to_numpy())
+                out[:, j] = 1.0 / (1.0 + np.exp(-raw))
+        return out
+
+    def to_dict(self) -> dict:
+        """JSON-safe fitted state: feature names, best iterations, LightGBM model strings (or constant rates)."""
+        return {
+            "features": [str(c) for c in self.feature_names_in_],
+            "best_iterations": list(self.best_iterations_),
+            "boosters": [b if isinstance(b, float) else b.model_to_string() for b in self.boosters_],
+        }
+
+    @classmethod
+    def from_dict(cls, state: dict) -> LGBMStacker:
+        est = cls()
+        est.feature_names_in_ = np.asarray(state["features"], dtype=object)
+        est.n_features_in_ = len(est.feature_names_in_)
+        est.best_iterations_ = [int(b) for b in state["best_iterations"]]
+        est.boosters_ = [
+            float(b) if isinstance(b, (int, float)) else lgb.Booster(model_str=b) for b in state["boosters"]
+        ]
+        return est
