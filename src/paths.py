@@ -39,7 +39,7 @@ def resolve_data_dir(explicit: str | os.PathLike | None = None) -> Path:
 
 
 def image_dir(data_dir: Path, split: str) -> Path:
-    """The split's image folder; None-safe: raises InputError naming what was looked for."""
+    """The split's image folder (either Kaggle name); raises InputError naming what was looked for."""
     for name in IMAGE_DIR_NAMES[split]:
         if (data_dir / name).is_dir():
             return data_dir / name

@@ -17,7 +17,7 @@ from src.errors import InputError, run_cli
 from src.metrics import any_comparison, bootstrap_auc, per_class_log_loss, weighted_log_loss
 from src.paths import resolve_data_dir
 from src.plots import plot_curves
-from src.submit import load_test_predictions, read_prediction_csv
+from src.submit import load_test_predictions, read_prediction_files
 from src.thresholds import (
     ANY_SWEEP,
     DEFAULT_PRECISIONS,
@@ -55,14 +55,7 @@ MD_THRESHOLD_COLS = [
 
 def load_valid_predictions(pred_dir: str | Path) -> pd.DataFrame:
     """All `*_valid.csv` of a prediction directory concatenated; an ID in two files is an error naming both."""
-    pred_dir = Path(pred_dir)
-    files = sorted(pred_dir.glob("*_valid.csv"))
-    if not files:
-        raise InputError(f"{pred_dir}: no *_valid.csv prediction files")
-    parts = []
-    for path in files:
-        df = read_prediction_csv(path)
-        parts.append(df.assign(source=path.name))
+    parts = [df.assign(source=path.name) for path, df in read_prediction_files(pred_dir, "valid")]
     valid = pd.concat(parts, ignore_index=True)
     dup = valid[ID_COL].duplicated(keep=False)
     if dup.any():

@@ -47,15 +47,19 @@ def read_prediction_csv(path: Path) -> pd.DataFrame:
     return df
 
 
+def read_prediction_files(pred_dir: str | Path, split: str) -> list[tuple[Path, pd.DataFrame]]:
+    """Every `*_{split}.csv` of a prediction directory, read and validated; none at all is an error."""
+    pred_dir = Path(pred_dir)
+    files = sorted(pred_dir.glob(f"*_{split}.csv"))
+    if not files:
+        raise InputError(f"{pred_dir}: no *_{split}.csv prediction files")
+    return [(path, read_prediction_csv(path)) for path in files]
+
+
 def load_test_predictions(pred_dir: str | Path) -> pd.DataFrame:
     """ID + six probabilities: the mean over every `*_test.csv` in pred_dir (e.g. one per fold), per ID."""
-    pred_dir = Path(pred_dir)
-    files = sorted(pred_dir.glob("*_test.csv"))
-    if not files:
-        raise InputError(f"{pred_dir}: no *_test.csv prediction files")
     parts = []
-    for path in files:
-        df = read_prediction_csv(path)
+    for path, df in read_prediction_files(pred_dir, "test"):
         if df[ID_COL].duplicated().any():
             raise InputError(f"{path}: ID {df.loc[df[ID_COL].duplicated(), ID_COL].iloc[0]} appears twice")
         parts.append(df[[ID_COL, *LABELS]])
