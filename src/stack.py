@@ -19,7 +19,8 @@ from src.constants import FOLD_COL, ID_COL, LABELS, VOLUME_COL
 from src.errors import InputError, run_cli
 from src.metrics import score_table
 from src.stack_bundle import gru_over_folds, mean_over_folds, save_stackers
-from src.stack_features import SERIES_ID, join_series, neighbour_features, sequence_inputs
+from src.stack_diagnostics import information_markdown, neighbour_information
+from src.stack_features import SERIES_ID, join_series, neighbour_features, sequence_emb_start, sequence_inputs
 from src.stack_gru import GRUStacker
 from src.stack_lgbm import LGBMStacker
 
@@ -170,7 +171,8 @@ def run_stack(exp: str, oof_root: Path, meta_train: pd.DataFrame, meta_test: pd.
             if use_emb and emb is None:
                 raise InputError(f"{exp_dir}: fold{f}_test_emb.npy missing while the valid embeddings exist")
             gru_tests.append((table, sequence_inputs(table, emb)))
-        gru_kw = {"random_state": seed, **(gru_params or {})}
+        gru_kw = {"random_state": seed, "emb_start": sequence_emb_start(valid) if use_emb else None,
+                  **(gru_params or {})}
 
         results["gru"] = cross_fit(
             splits, len(valid),
@@ -249,12 +251,18 @@ def markdown_table(table: pd.DataFrame) -> str:
     return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in cells]) + "\n"
 
 
-def run_compare(exp: str, oof_root: Path, meta_train: pd.DataFrame) -> pd.DataFrame:
-    """Print and write oof/<exp>_stack_compare.md: the CNN's OOF vs each stacker present."""
+def run_compare(exp: str, oof_root: Path, meta_train: pd.DataFrame, n_folds: int, n_inner: int = 5,
+                seed: int = 0) -> pd.DataFrame:
+    """Print and write oof/<exp>_stack_compare.md: the CNN's OOF vs each stacker present, then how much the
+    neighbouring slices can tell at all (`src.stack_diagnostics`), on the same level-2 splits as the stackers."""
     valid_files = _fold_files(oof_root / exp, "valid")
     if not valid_files:
         raise InputError(f"{oof_root / exp}: no fold*_valid.csv")
     preds = {"cnn": pd.concat([read_predictions(p) for p in valid_files.values()], ignore_index=True)}
+    cnn = join_series(meta_train, preds["cnn"], what=f"{oof_root / exp}/fold*_valid.csv")
+    y = meta_train.set_index(ID_COL).loc[cnn[ID_COL], list(LABELS)].to_numpy(dtype=np.float64)
+    _, splits = level2_splits(cnn[FOLD_COL].to_numpy(), cnn["PatientID"].to_numpy(), n_folds, n_inner, seed)
+    info = neighbour_information(cnn, y, cnn[list(LABELS)].to_numpy(dtype=np.float64), splits)
     for kind in KINDS:
         path = oof_root / f"{exp}_stack_{kind}" / "stack_valid.csv"
         if path.exists():
@@ -263,7 +271,8 @@ def run_compare(exp: str, oof_root: Path, meta_train: pd.DataFrame) -> pd.DataFr
         raise InputError(f"{oof_root}: no {exp}_stack_*/stack_valid.csv (run python -m src.stack --exp {exp})")
     table = compare_predictions(meta_train, preds)
     text = (f"# Stacking vs CNN: {exp}\n\nOOF rows of folds {list(valid_files)}; wll = weighted log loss; "
-            f"study = max over slices; cut = reduction of the CNN's wll.\n\n{markdown_table(table)}")
+            f"study = max over slices; cut = reduction of the CNN's wll.\n\n{markdown_table(table)}\n"
+            f"{information_markdown(info)}")
     write_text(text, oof_root / f"{exp}_stack_compare.md")
     print(text)
     return table
@@ -303,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
         run_stack(args.exp, oof_root, meta_train, meta_test, n_folds, args.k, args.seed, args.skip_gru,
                   lgbm_params={"n_jobs": args.threads}, gru_params={"device": args.device}, n_inner=args.n_inner)
-    run_compare(args.exp, oof_root, meta_train)
+    run_compare(args.exp, oof_root, meta_train, n_folds, args.n_inner, args.seed)
     return 0
 
 

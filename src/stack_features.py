@@ -41,8 +41,8 @@ def assemble_series(df: pd.DataFrame) -> pd.DataFrame:
     denom = np.maximum(out[SERIES_LEN].to_numpy() - 1, 1)
     out[REL_POSITION] = np.where(out[SERIES_LEN] > 1, out[SLICE_POS] / denom, 0.5)
     pos = out["position"].to_numpy(dtype=np.float64)
-    out[GAP_PREV] = np.abs(pos - _shift(pos[:, None], out, 1)[:, 0])
-    out[GAP_NEXT] = np.abs(_shift(pos[:, None], out, -1)[:, 0] - pos)
+    out[GAP_PREV] = np.abs(pos - series_shift(pos[:, None], out, 1)[:, 0])
+    out[GAP_NEXT] = np.abs(series_shift(pos[:, None], out, -1)[:, 0] - pos)
     return out
 
 
@@ -59,7 +59,7 @@ def join_series(meta: pd.DataFrame, preds: pd.DataFrame, what: str = "prediction
     return assemble_series(preds.merge(meta[keep], on=ID_COL, how="inner", validate="one_to_one"))
 
 
-def _shift(values: np.ndarray, table: pd.DataFrame, j: int) -> np.ndarray:
+def series_shift(values: np.ndarray, table: pd.DataFrame, j: int) -> np.ndarray:
     """values of the slice j places earlier (j > 0) or later (j < 0) in the same series; NaN past an edge."""
     pos = table[SLICE_POS].to_numpy()
     length = table[SERIES_LEN].to_numpy()
@@ -85,7 +85,7 @@ def neighbour_features(table: pd.DataFrame, k: int = 5) -> pd.DataFrame:
     cols: dict[str, np.ndarray] = {}
     window = [probs]
     for j in range(1, k + 1):
-        prev, nxt = _shift(probs, table, j), _shift(probs, table, -j)
+        prev, nxt = series_shift(probs, table, j), series_shift(probs, table, -j)
         window += [prev, nxt]
         for c, name in enumerate(LABELS):
             cols[f"{name}_m{j}"] = prev[:, c]
@@ -109,8 +109,8 @@ def neighbour_features(table: pd.DataFrame, k: int = 5) -> pd.DataFrame:
         vol = table[VOLUME_COL].to_numpy(dtype=np.float64)[:, None]
         cols["vol"] = vol[:, 0]
         for j in range(1, k + 1):
-            cols[f"vol_m{j}"] = _shift(vol, table, j)[:, 0]
-            cols[f"vol_p{j}"] = _shift(vol, table, -j)[:, 0]
+            cols[f"vol_m{j}"] = series_shift(vol, table, j)[:, 0]
+            cols[f"vol_p{j}"] = series_shift(vol, table, -j)[:, 0]
         cols["vol_ser_sum"] = pd.Series(vol[:, 0]).groupby(table[SERIES_ID].to_numpy()).transform("sum").to_numpy()
     ordered = [c for c in _column_order(k, VOLUME_COL in table.columns) if c in cols]
     return pd.DataFrame({c: cols[c] for c in ordered}, index=table.index)
@@ -129,6 +129,11 @@ def _column_order(k: int, with_volume: bool) -> list[str]:
     return names
 
 
+def sequence_emb_start(table: pd.DataFrame) -> int:
+    """The column where `sequence_inputs` puts the embedding: after the probabilities, position and volume."""
+    return len(LABELS) + 1 + int(VOLUME_COL in table.columns)
+
+
 def sequence_inputs(table: pd.DataFrame, emb: np.ndarray | None) -> np.ndarray:
     """Per-slice GRU inputs [N, F] in the table's row order: the six probabilities first (the GRU's residual reads
     them there), then relative position, log1p(volume) when present, then the embedding (if any)."""
@@ -139,4 +144,7 @@ def sequence_inputs(table: pd.DataFrame, emb: np.ndarray | None) -> np.ndarray:
         if len(emb) != len(table):
             raise ValueError(f"embedding rows {len(emb)} != table rows {len(table)}")
         parts.append(np.asarray(emb, dtype=np.float32))
-    return np.concatenate(parts, axis=1)
+    out = np.concatenate(parts, axis=1)
+    if emb is not None and out.shape[1] - emb.shape[1] != sequence_emb_start(table):
+        raise RuntimeError("sequence_emb_start is out of step with sequence_inputs")
+    return out
