@@ -106,7 +106,7 @@ class GRUStacker(BaseEstimator):
     def __init__(self, hidden_size: int = 64, proj_size: int = 64, num_layers: int = 1, dropout: float = 0.1,
                  epochs: int = 60, batch_size: int = 16, lr: float = 2e-3, weight_decay: float = 1e-4,
                  reverse_prob: float = 0.5, valid_fraction: float = 0.15, patience: int = 8,
-                 emb_start: int | None = None, emb_components: int | None = 16, n_seeds: int = 3,
+                 emb_start: int | None = None, emb_components: int | None = 8, n_seeds: int = 5,
                  device: str = "cpu", random_state: int = 0) -> None:
         self.hidden_size = hidden_size
         self.proj_size = proj_size
