@@ -33,8 +33,8 @@ from src.stack_features import (
 )
 from src.stack_gru import GRUStacker, SliceSequenceNet, length_mask, pad_batch, reverse_sequences, series_segments
 
-FAST_LGBM = {"n_estimators": 200, "learning_rate": 0.1, "early_stopping_rounds": 20, "n_jobs": 1}
-FAST_GRU = {"epochs": 6, "hidden_size": 16, "proj_size": 16, "patience": 3}
+FAST_LGBM = {"n_estimators": 200, "learning_rate": 0.1, "early_stopping_rounds": 20, "n_jobs": 1, "n_seeds": 2}
+FAST_GRU = {"epochs": 6, "hidden_size": 16, "proj_size": 16, "patience": 3, "n_seeds": 2}
 
 
 def _series(ids, positions, patient="P1", study="S1", series="R1", probs=None):
@@ -193,7 +193,8 @@ def test_lgbm_stacker_follows_sklearn_conventions():
     y_const = y.copy()
     y_const[:, 0] = 0.0  # a label with one class falls back to a constant prediction
     assert est.fit(feats, y_const, table["PatientID"].to_numpy()) is est
-    assert len(est.boosters_) == 6 and isinstance(est.boosters_[0], float)
+    assert len(est.boosters_) == FAST_LGBM["n_seeds"] and len(est.boosters_[0]) == 6
+    assert isinstance(est.boosters_[0][0], float)
     p = est.predict_proba(feats)
     assert p.shape == (len(feats), 6) and np.all((p > 0) & (p < 1))
     np.testing.assert_allclose(p[:, 0], 0.5 / (len(y) + 1))
@@ -201,6 +202,20 @@ def test_lgbm_stacker_follows_sklearn_conventions():
                                .predict_proba(feats), p)
     with pytest.raises(ValueError, match="columns"):
         est.predict_proba(feats.iloc[:, ::-1])
+
+
+def test_lgbm_bag_is_the_mean_of_its_seeds_and_round_trips():
+    table, feats, y = _fake_level2()
+    groups = table["PatientID"].to_numpy()
+    params = {**FAST_LGBM, "n_seeds": 1}
+    one, two = (LGBMStacker(**params, random_state=s).fit(feats, y, groups).predict_proba(feats) for s in (3, 4))
+    bag = LGBMStacker(**{**params, "n_seeds": 2}, random_state=3).fit(feats, y, groups)
+    np.testing.assert_allclose(bag.predict_proba(feats), (one + two) / 2, rtol=1e-9)
+    assert np.abs(one - two).max() > 1e-3  # the seeds really differ (inner split, bagging)
+    np.testing.assert_allclose(LGBMStacker.from_dict(bag.to_dict()).predict_proba(feats), bag.predict_proba(feats))
+    old_format = {**bag.to_dict(), "boosters": bag.to_dict()["boosters"][0],
+                  "best_iterations": bag.to_dict()["best_iterations"][0]}  # saved before seeds were bagged
+    np.testing.assert_allclose(LGBMStacker.from_dict(old_format).predict_proba(feats), one, rtol=1e-9)
 
 
 # ---- fold discipline ----
