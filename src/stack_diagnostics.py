@@ -17,15 +17,9 @@ from sklearn.preprocessing import StandardScaler
 
 from src.constants import LABELS
 from src.metrics import score_table
-from src.stack_features import SERIES_ID, SLICE_POS, series_shift
+from src.stack_features import SERIES_ID, SLICE_POS, clipped_logit, series_shift
 
 WINDOW_WIDTHS = (1, 2, 4)  # half-widths (slices) of the window means a linear stacker sees
-PROB_CLIP = 1e-6
-
-
-def _logit(p: np.ndarray) -> np.ndarray:
-    p = np.clip(p, PROB_CLIP, 1 - PROB_CLIP)
-    return np.log(p / (1 - p))
 
 
 def residual_lag1_correlation(table: pd.DataFrame, y: np.ndarray, p: np.ndarray) -> dict[str, float]:
@@ -43,7 +37,7 @@ def residual_lag1_correlation(table: pd.DataFrame, y: np.ndarray, p: np.ndarray)
 
 def window_features(table: pd.DataFrame, p: np.ndarray, label: int) -> np.ndarray:
     """[N, 2 + len(WINDOW_WIDTHS) + 2] for one label: own logit, series max and mean logit, window-mean logits."""
-    logit = _logit(np.asarray(p, float))[:, [label]]
+    logit = clipped_logit(p)[:, [label]]
     cols = [logit[:, 0]]
     series = pd.Series(logit[:, 0]).groupby(table[SERIES_ID].to_numpy())
     cols += [series.transform("max").to_numpy(), series.transform("mean").to_numpy()]

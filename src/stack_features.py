@@ -16,6 +16,12 @@ GAP_PREV = "gap_prev_mm"
 GAP_NEXT = "gap_next_mm"
 
 
+def clipped_logit(p: np.ndarray, eps: float = 1e-6) -> np.ndarray:
+    """log(p / (1 - p)) with p clipped to [eps, 1 - eps], so CNN outputs of exactly 0 or 1 stay finite."""
+    p = np.clip(np.asarray(p, dtype=np.float64), eps, 1.0 - eps)
+    return np.log(p) - np.log1p(-p)
+
+
 def assemble_series(df: pd.DataFrame) -> pd.DataFrame:
     """Sort slices by series then position (ties broken by ID) and add per-series order columns.
 

@@ -9,11 +9,7 @@ from sklearn.base import BaseEstimator
 from sklearn.model_selection import GroupShuffleSplit
 
 from src.constants import LABELS
-
-
-def _logit(p: np.ndarray) -> np.ndarray:
-    p = np.clip(np.asarray(p, dtype=np.float64), 1e-6, 1.0 - 1e-6)
-    return np.log(p) - np.log1p(-p)
+from src.stack_features import clipped_logit
 
 
 class LGBMStacker(BaseEstimator):
@@ -99,7 +95,7 @@ class LGBMStacker(BaseEstimator):
                 continue
             # Boost from the CNN's own logit (init_score): trees learn a correction to the slice's probability, so
             # with little OOF (one fold) early stopping keeps the CNN rather than a worse model from scratch.
-            base = _logit(X[name].to_numpy())
+            base = clipped_logit(X[name].to_numpy())
             train_set = lgb.Dataset(X.iloc[tr], y[tr, j], init_score=base[tr], free_raw_data=True)
             valid_set = lgb.Dataset(X.iloc[va], y[va, j], init_score=base[va], reference=train_set)
             booster = lgb.train(
@@ -127,7 +123,8 @@ class LGBMStacker(BaseEstimator):
                 if isinstance(booster, float):
                     out[:, j] += booster
                 else:
-                    raw = booster.predict(X, num_iteration=best, raw_score=True) + _logit(X[LABELS[j]].to_numpy())
+                    base = clipped_logit(X[LABELS[j]].to_numpy())
+                    raw = booster.predict(X, num_iteration=best, raw_score=True) + base
                     out[:, j] += 1.0 / (1.0 + np.exp(-raw))
         return out / len(self.boosters_)
 
