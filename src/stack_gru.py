@@ -14,6 +14,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 from tqdm import tqdm
 
 from src.constants import LABEL_WEIGHTS, LABELS
+from src.stack_features import clipped_logit
 
 N_LABELS = len(LABELS)
 PROB_CLIP = 1e-5  # the CNN probabilities enter as logits; 1e-5 keeps them finite (|logit| <= 11.5)
@@ -144,7 +145,7 @@ class GRUStacker(BaseEstimator):
         X = np.asarray(X, dtype=np.float32)
         if X.ndim != 2 or X.shape[1] != self.n_features_in_:
             raise ValueError(f"X must have {self.n_features_in_} columns (as in fit), got shape {X.shape}")
-        base = np.log(np.clip(X[:, :N_LABELS], PROB_CLIP, 1 - PROB_CLIP) / np.clip(1 - X[:, :N_LABELS], PROB_CLIP, 1))
+        base = clipped_logit(X[:, :N_LABELS], PROB_CLIP).astype(np.float32)
         if self.emb_axes_.size:
             rest = [X[:, N_LABELS : self.emb_start], (X[:, self.emb_start :] - self.emb_mean_) @ self.emb_axes_]
         else:
