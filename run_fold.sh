@@ -37,23 +37,23 @@ fi
 exp="$("$PY" -m src.config "${config_args[@]}" --get exp_name)"
 stage() { echo; echo "== $1"; shift; "$PY" "$@"; }
 
-stage "metadata" -m src.metadata "${data_args[@]}"
-stage "cache" -m src.cache "${data_args[@]}" --size "$("$PY" -m src.config "${config_args[@]}" --get image_size)"
-stage "folds" -m src.folds "${data_args[@]}" --n-folds "$("$PY" -m src.config "${config_args[@]}" --get n_folds)" \
+stage "metadata" -m src.data.metadata "${data_args[@]}"
+stage "cache" -m src.data.cache "${data_args[@]}" --size "$("$PY" -m src.config "${config_args[@]}" --get image_size)"
+stage "folds" -m src.data.folds "${data_args[@]}" --n-folds "$("$PY" -m src.config "${config_args[@]}" --get n_folds)" \
   --seed "$("$PY" -m src.config "${config_args[@]}" --get fold_seed)"
-stage "train fold $fold" -m src.train --fold "$fold" "${config_args[@]}" "${data_args[@]}"
+stage "train fold $fold" -m src.cnn.train --fold "$fold" "${config_args[@]}" "${data_args[@]}"
 
 # Everything below works on whatever predictions exist after this fold (one fold, or all of them).
 if [ "$("$PY" -m src.config "${config_args[@]}" --get arch)" != "classifier" ] && [ "$fold" -ge 0 ]; then
-  stage "blood volume per study" -m src.bloodnet volumes --pred "oof/$exp" "${data_args[@]}"
-  stage "overlays of predicted blood" -m src.bloodnet overlays --exp "$exp" --fold "$fold" "${data_args[@]}"
+  stage "blood volume per study" -m src.evaluate.volumes --pred "oof/$exp" "${data_args[@]}"
+  stage "overlays of predicted blood" -m src.cnn.overlays --exp "$exp" --fold "$fold" "${data_args[@]}"
 fi
 if compgen -G "oof/$exp/fold[0-9]*_valid.csv" > /dev/null; then
   stage "sequence stackers on the available OOF" -m src.stack --exp "$exp" "${data_args[@]}"
 fi
 for pred in "oof/$exp" "oof/${exp}_stack_lgbm" "oof/${exp}_stack_gru" "oof/${exp}_stack_blend"; do
   if compgen -G "$pred/*_valid.csv" > /dev/null; then
-    stage "report: $pred" -m src.report --pred "$pred" "${data_args[@]}" --triage
+    stage "report: $pred" -m src.evaluate.report --pred "$pred" "${data_args[@]}" --triage
   fi
 done
 # Submit from whichever predictions score best on the same OOF rows: a stacker fit on one fold's OOF can be worse
@@ -73,9 +73,9 @@ for kind in ("blend", "lgbm", "gru"):
 print(min(scores, key=scores.get) if scores else f"oof/{exp}")
 PYEOF
 )"
-stage "submission from $best_pred" -m src.submit --pred "$best_pred" --name "${exp}_fold${fold}" "${data_args[@]}"
+stage "submission from $best_pred" -m src.evaluate.submit --pred "$best_pred" --name "${exp}_fold${fold}" "${data_args[@]}"
 data_dir="$("$PY" -c 'import sys; from src.paths import resolve_data_dir; print(resolve_data_dir(sys.argv[1] or None))' "${data_args[1]:-}")"
-stage "check the submission" -m src.submit --check "submissions/${exp}_fold${fold}.csv" \
+stage "check the submission" -m src.evaluate.submit --check "submissions/${exp}_fold${fold}.csv" \
   --sample "$data_dir/stage_2_sample_submission.csv"
 echo
 echo "done: predictions in oof/$exp/, reports in oof/*/report/, submission in submissions/${exp}_fold${fold}.csv"

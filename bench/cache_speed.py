@@ -6,7 +6,7 @@ Generates (or reuses) N synthetic 512 x 512 CT slices (signed 16-bit, unsigned 1
 files) in DIR/stage_2_test (default work/bench/cache_speed_data), then times, interleaved, best of --repeats:
 - naive: pydicom.dcmread + pixel_array, float64 HU, each window with np.clip, cv2 INTER_AREA, one file at a time
 - decode: pydicom.dcmread + pixel_array only (no HU, no windows, no resize, nothing written)
-- builder: src.cache.build_cache for the split (metadata prebuilt, untimed), 1 process and --workers processes,
+- builder: src.data.cache.build_cache for the split (metadata prebuilt, untimed), 1 process and --workers processes,
   everything included (pool start, memmap writes, index tables)
 Also checks the builder's path against the reference to_channels(read_hu(...)) and measures what windowing before
 resizing (instead of after) would change. Goals: builder (1 process) >= 5x naive and >= 70% of decode.
@@ -34,12 +34,13 @@ import pydicom.config
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian
 
-from src import cache, paths
+from src import paths
 from src.atomic import write_json, write_text
 from src.constants import WINDOWS
-from src.dicom import read_hu, resize, to_channels, window
-from src.dicom_fast import read_channels
-from src.metadata import load_metadata
+from src.data import cache
+from src.data.dicom import read_hu, resize, to_channels, window
+from src.data.dicom_fast import read_channels
+from src.data.metadata import load_metadata
 
 PX = 512
 GOAL_VS_NAIVE = 5.0

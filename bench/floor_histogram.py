@@ -16,11 +16,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from src import paths
 from src.atomic import write_json, write_text
 from src.constants import FOLD_COL, ID_COL, LABELS
-from src.dicom import DicomError, read_hu
+from src.data.dicom import DicomError, read_hu
+from src.data.folds import load_folds
+from src.data.metadata import load_metadata
 from src.errors import run_cli
-from src.folds import load_folds
-from src.metadata import load_metadata
-from src.metrics import per_class_auc, weighted_log_loss
+from src.metric import per_class_auc, weighted_log_loss
 
 FINE_EDGES = np.linspace(-100, 200, 65)  # 64 bins of 4.7 HU over the soft-tissue range
 COARSE_EDGES = np.array([-3000, -500, -100, 200, 500, 1000, 5000])

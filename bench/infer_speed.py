@@ -5,9 +5,9 @@ Usage: python bench/infer_speed.py [--threads 2] [--slices 32] [--repeats 3] [--
 Each measurement runs in a fresh subprocess (peak RSS is per process and only ever grows). Models are randomly
 initialised timm networks (nothing is downloaded): speed and memory do not depend on the weights.
 - naive: one slice per forward, NCHW, torch.no_grad (how a straightforward port runs; the paper's setting)
-- batched: the whole study in one forward, channels_last, torch.inference_mode (what src.infer does)
+- batched: the whole study in one forward, channels_last, torch.inference_mode (what src.triage.cli does)
 - batched-nchw: the same without channels_last (what that memory format is worth on this CPU)
-- study: DICOM files on disk -> src.infer.load_study_files + predict_study (flags, overlays), against the pure
+- study: DICOM files on disk -> src.triage.cli.load_study_files + predict_study (flags, overlays), against the pure
   batched forward on the same slices; the flip TTA is off in both so the two count the same forwards.
 """
 
@@ -87,8 +87,8 @@ def worker(name: str, mode: str, threads: int, n_slices: int, repeats: int) -> d
     import torch
 
     torch.set_num_threads(threads)
+    from src.cnn.model import build_model
     from src.config import Config
-    from src.model import build_model
 
     cfg = Config(**MODELS[name], tta_flip=False)
     torch.manual_seed(0)
@@ -124,7 +124,7 @@ def worker(name: str, mode: str, threads: int, n_slices: int, repeats: int) -> d
                 times.append(time.perf_counter() - t0)
         out["ms_per_slice"] = 1000 * min(times) / n_slices
     elif mode == "study":
-        from src.infer import Ensemble, default_thresholds, load_study_files, predict_study
+        from src.triage.cli import Ensemble, default_thresholds, load_study_files, predict_study
 
         model = model.to(memory_format=torch.channels_last)
         # One random-init "fold 0" model: nothing is read from the (not existing) checkpoint path.
@@ -194,7 +194,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
         lines.append(f"| {name} | {s['study_s']:.2f} | {s['read_decode_s']:.2f} | {s['forward_s']:.2f} "
                      f"| {s['study_over_forward']:.2f} | {speedup:.2f} |")
     lines += ["", f"Paper (ResNet50, 224 px, laptop CPU): {PAPER_MS_PER_SLICE:.0f} ms per slice, {PAPER_PEAK_GB} GB. "
-              "Whole study = src.infer.load_study_files + predict_study (DICOM read, HU, windows, forward, flags, "
+              "Whole study = src.triage.cli.load_study_files + predict_study (DICOM read, HU, windows, forward, flags, "
               "overlay PNGs); pure forward = one model call on the already windowed batch. Flip TTA off in both."]
     return "\n".join(lines) + "\n"
 

@@ -18,15 +18,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import torch
 
 from src.atomic import write_json, write_text
-from src.cache import load_cache
+from src.cnn.distributed import loader_for
+from src.cnn.losses import weighted_bce
+from src.cnn.model import build_model
+from src.cnn.predict import to_input
 from src.config import load_config
 from src.constants import LABEL_WEIGHTS
-from src.data import SliceDataset, build_augment
-from src.losses import weighted_bce
-from src.model import build_model
+from src.data.cache import load_cache
+from src.data.dataset import SliceDataset, build_augment
 from src.paths import WORK, resolve_data_dir
-from src.predict import to_input
-from src.train import loader_for
 
 
 def loader_rate(ds, cfg, batches: int) -> float:

@@ -59,6 +59,13 @@ def write_npy(array: np.ndarray, path: str | os.PathLike) -> Path:
     return Path(path)
 
 
+def save_png(fig: Any, path: str | os.PathLike, dpi: int = 100) -> Path:
+    """A matplotlib Figure as PNG, atomically (a killed run never leaves half an image)."""
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight")
+    return Path(path)
+
+
 def _json_default(obj: Any) -> Any:
     if isinstance(obj, (np.integer,)):
         return int(obj)

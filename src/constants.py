@@ -19,7 +19,12 @@ WINDOWS: tuple[tuple[str, float, float], ...] = (
 
 AIR_HU = -1024.0  # padding value: air, not 0 (0 HU is water)
 
+# Column names every stage shares (Kaggle's and DICOM's spellings).
 ID_COL = "ID"
 FOLD_COL = "fold"
 VOLUME_COL = "blood_volume_mm3"
-SERIES_KEYS: tuple[str, ...] = ("PatientID", "StudyInstanceUID", "SeriesInstanceUID")
+PATIENT = "PatientID"
+STUDY = "StudyInstanceUID"
+SERIES = "SeriesInstanceUID"
+SLICE_INDEX = "slice_index"  # 0-based order of a slice along its series' normal
+SERIES_KEYS: tuple[str, ...] = (PATIENT, STUDY, SERIES)

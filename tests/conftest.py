@@ -14,7 +14,7 @@ import pytest
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
     """A small embedded synthetic dataset (64 px), generated once per test session."""
-    from src.synth import generate
+    from src.synth.generator import generate
 
     out = tmp_path_factory.mktemp("tiny_synth")
     generate(out, n_studies=14, seed=3, size=64)

@@ -10,16 +10,17 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from src import bloodnet, checkpoints, overlays
+from src.cnn import ablation, checkpoints, overlays
+from src.cnn.checkpoints import save_checkpoint
+from src.cnn.loop import make_optimizer
+from src.cnn.losses import masked_seg_loss, weighted_bce
+from src.cnn.model import VOLUME_SCALE_MM3, build_model
 from src.config import load_config
 from src.constants import LABELS, VOLUME_COL
-from src.data import SliceDataset, voxel_volume_mm3
+from src.data.dataset import SliceDataset, voxel_volume_mm3
 from src.errors import InputError
-from src.losses import masked_seg_loss, weighted_bce
-from src.metrics import weighted_log_loss
-from src.model import VOLUME_SCALE_MM3, build_model
-from src.outputs import save_checkpoint
-from src.train import make_optimizer
+from src.evaluate import volumes
+from src.metric import weighted_log_loss
 
 S = 32
 
@@ -101,7 +102,7 @@ def _head_step(model, cfg, eval_mode: bool, steps: int = 2) -> None:
     optimizer = make_optimizer(cfg, model, head_only=True)
     model.train()
     if eval_mode:
-        model.eval()  # what src.train does in the head phase
+        model.eval()  # what src.cnn.train does in the head phase
     weights = torch.tensor(cfg.class_weights)
     for step in range(steps):
         g = torch.Generator().manual_seed(step)
@@ -161,30 +162,30 @@ def _volume_inputs():
 
 def test_study_volumes_and_mdape_over_positive_studies(tmp_path):
     pred, meta, true = _volume_inputs()
-    table = bloodnet.study_volumes(pred, meta, true).set_index("StudyInstanceUID")
+    table = volumes.study_volumes(pred, meta, true).set_index("StudyInstanceUID")
     assert table["pred_volume_mm3"].tolist() == [1100.0, 1000.0, 500.0, 30.0]
     assert table["true_volume_ml"].tolist() == [1.0, 2.0, 0.5, 0.0]
     assert table["n_positive_slices"].tolist() == [2, 1, 2, 0]
     assert np.allclose(table["abs_pct_error"].iloc[:3], [10.0, 50.0, 0.0]) and np.isnan(table.loc["D", "abs_pct_error"])
-    summary = bloodnet.volume_summary(table.reset_index())
+    summary = volumes.volume_summary(table.reset_index())
     assert summary["mdape_percent"] == pytest.approx(10.0)  # median of 10, 50, 0; the negative study is left out
     assert summary["n_positive_studies"] == 3 and summary["median_pred_ml_negative_studies"] == pytest.approx(0.03)
-    png = bloodnet.plot_volume_scatter(table.reset_index(), tmp_path / "scatter.png")
+    png = volumes.plot_volume_scatter(table.reset_index(), tmp_path / "scatter.png")
     assert png.stat().st_size > 5000
-    no_truth = bloodnet.study_volumes(pred, meta)
-    assert "mdape_percent" not in bloodnet.volume_summary(no_truth)
+    no_truth = volumes.study_volumes(pred, meta)
+    assert "mdape_percent" not in volumes.volume_summary(no_truth)
     with pytest.raises(InputError, match="not in the train metadata"):
-        bloodnet.study_volumes(pred, meta.iloc[:-1])
+        volumes.study_volumes(pred, meta.iloc[:-1])
 
 
 def test_read_volume_predictions_needs_the_volume_column(tmp_path):
     pred, _, _ = _volume_inputs()
     pred.iloc[:4].to_csv(tmp_path / "fold0_valid.csv", index=False)
     pred.iloc[4:].to_csv(tmp_path / "fold1_valid.csv", index=False)
-    assert len(bloodnet.read_volume_predictions(tmp_path)) == 8
+    assert len(volumes.read_volume_predictions(tmp_path)) == 8
     pred.drop(columns=VOLUME_COL).to_csv(tmp_path / "fold1_valid.csv", index=False)
     with pytest.raises(InputError, match="no blood_volume_mm3 column"):
-        bloodnet.read_volume_predictions(tmp_path)
+        volumes.read_volume_predictions(tmp_path)
 
 
 def _ablation_inputs(n_studies: int = 12, per_study: int = 10):
@@ -207,7 +208,7 @@ def _ablation_inputs(n_studies: int = 12, per_study: int = 10):
 
 def test_ablation_table_and_markdown():
     preds, labels, y, noisy = _ablation_inputs()
-    table = bloodnet.ablation_table(preds, labels, n_boot=200).set_index("variant")
+    table = ablation.ablation_table(preds, labels, n_boot=200).set_index("variant")
     assert table.loc["bloodnet", "auc_any"] == 1.0 and table.loc["bloodnet", "ci_low"] == 1.0
     assert table.loc["multitask", "auc_any"] == 0.5
     expected = roc_auc_score(y[:, -1], noisy[:, -1])
@@ -215,17 +216,17 @@ def test_ablation_table_and_markdown():
     assert row["auc_any"] == pytest.approx(expected) and row["ci_low"] < expected < row["ci_high"]
     assert row["weighted_log_loss"] == pytest.approx(weighted_log_loss(y, noisy))
     assert row["n_studies"] == 12 and row["n_slices"] == 120 and row["n_boot_valid"] == 200
-    md = bloodnet.ablation_markdown(table.reset_index(), "caption here")
+    md = ablation.ablation_markdown(table.reset_index(), "caption here")
     assert f"| Single task, classification (`classifier`) | {expected:.4f} |" in md and md.endswith("caption here\n")
     assert sum(line.startswith("| ") for line in md.splitlines()) == 4 and "epochs run" not in md  # header + 3 variants
     table["epochs_run"] = [6, 6, 5]
-    assert md.splitlines()[2] + " 6 |" == bloodnet.ablation_markdown(table.reset_index(), "c").splitlines()[2]
+    assert md.splitlines()[2] + " 6 |" == ablation.ablation_markdown(table.reset_index(), "c").splitlines()[2]
     with pytest.raises(InputError, match="predicts other images"):
-        bloodnet.ablation_table({**preds, "multitask": preds["multitask"].iloc[1:]}, labels, n_boot=10)
+        ablation.ablation_table({**preds, "multitask": preds["multitask"].iloc[1:]}, labels, n_boot=10)
 
 
 def test_ablation_configs_share_an_epoch_budget():
-    variants = bloodnet.ablation_configs(_cfg("seg_epochs=2", "head_epochs=1", "joint_epochs=4", "context=2"))
+    variants = ablation.ablation_configs(_cfg("seg_epochs=2", "head_epochs=1", "joint_epochs=4", "context=2"))
     assert [v.arch for v in variants.values()] == ["classifier", "multitask", "bloodnet"]
     assert variants["classifier"].epochs == 7 and len({v.exp_name for v in variants.values()}) == 3
     assert all(v.context == 2 and v.backbone == "resnet10t" for v in variants.values())
@@ -253,7 +254,7 @@ def test_pick_studies_and_overlay_png(tmp_path):
 def test_volumes_cli_writes_table_summary_and_plot(tmp_path, monkeypatch):
     import json
 
-    import src.metadata
+    import src.data.metadata
 
     pred, meta, true = _volume_inputs()
     exp, data = tmp_path / "oof" / "exp", tmp_path / "data"
@@ -261,11 +262,11 @@ def test_volumes_cli_writes_table_summary_and_plot(tmp_path, monkeypatch):
     data.mkdir()
     pred.to_csv(exp / "fold0_valid.csv", index=False)
     true.to_csv(data / "true_volumes.csv", index=False)
-    monkeypatch.setattr(src.metadata, "load_metadata", lambda data_dir, split: meta)
-    assert bloodnet.main(["volumes", "--pred", str(exp), "--data", str(data)]) == 0
+    monkeypatch.setattr(src.data.metadata, "load_metadata", lambda data_dir, split: meta)
+    assert volumes.main(["--pred", str(exp), "--data", str(data)]) == 0
     summary = json.loads((exp / "bloodnet" / "volume_summary.json").read_text())
     assert summary["mdape_percent"] == pytest.approx(10.0) and summary["n_studies"] == 4
     assert len(pd.read_csv(exp / "bloodnet" / "study_volumes.csv")) == 4
     assert (exp / "bloodnet" / "volume_scatter.png").stat().st_size > 5000
     with pytest.raises(InputError, match="not found"):
-        bloodnet.main(["volumes", "--pred", str(tmp_path / "nope"), "--data", str(data)])
+        volumes.main(["--pred", str(tmp_path / "nope"), "--data", str(data)])

@@ -1,4 +1,4 @@
-"""src.dicom_fast.read_channels (the cache builder's fast path) against the reference to_channels(read_hu(path))."""
+"""src.data.dicom_fast.read_channels (the cache's fast path) against to_channels(read_hu(path))."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from dicom_factory import make_dicom
 from pydicom.dataset import Dataset
 from pydicom.uid import ImplicitVRLittleEndian
 
-from src import dicom, dicom_fast
-from src.dicom import DicomError, read_hu, to_channels
-from src.dicom_fast import read_channels
+from src.data import dicom, dicom_fast
+from src.data.dicom import DicomError, read_hu, to_channels
+from src.data.dicom_fast import read_channels
 
 # Stated tolerance: bit for bit when slope is 1, the intercept an integer and the shrink factor an integer (RSNA
 # 512 px to 256/128 px: every sum is exact) or when nothing is resized; otherwise within 1 grey level, because the

@@ -10,12 +10,13 @@ import pandas as pd
 import pytest
 from dicom_factory import make_dicom, tilted_orientation
 
-from src import cache, paths
+from src import paths
 from src.constants import LABELS
-from src.dicom import read_hu, to_channels
+from src.data import cache
+from src.data.dicom import read_hu, to_channels
+from src.data.folds import load_folds, make_folds
+from src.data.metadata import build_metadata, load_metadata, order_series, read_labels
 from src.errors import InputError
-from src.folds import load_folds, make_folds
-from src.metadata import build_metadata, load_metadata, order_series, read_labels
 
 TILT = 20.0
 DZ = 5.0  # table step along z; under a 20 degree tilt the slices are DZ * cos(20) = 4.698 mm apart

@@ -1,4 +1,4 @@
-"""src.dicom: HU decoding (12-bit fix, compressed syntaxes, corrupt files), windowing and the pad/resize geometry."""
+"""src.data.dicom: HU (12-bit fix, compressed syntaxes, corrupt files), windowing and the pad/resize geometry."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 from dicom_factory import make_dicom, set_transfer_syntax
 
 from src.constants import AIR_HU, WINDOWS
-from src.dicom import DicomError, mask_to_size, pad_to_square, read_header, read_hu, resize, to_channels, window
+from src.data.dicom import DicomError, mask_to_size, pad_to_square, read_header, read_hu, resize, to_channels, window
 from src.errors import InputError
 
 

@@ -7,8 +7,8 @@ import sys
 import numpy as np
 import pandas as pd
 
-from src.cache import load_cache
-from src.folds import load_folds
+from src.data.cache import load_cache
+from src.data.folds import load_folds
 from src.paths import OOF_DIR, ROOT
 
 
@@ -17,7 +17,7 @@ def test_torchrun_two_cpu_processes(tiny_data):
     env = {**os.environ, "ICH_DATA": str(tiny_data), "OMP_NUM_THREADS": "1"}
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-        "-m", "src.train", "--fold", "0", "--set", f"exp={exp}", "--set", "backbone=resnet10t",
+        "-m", "src.cnn.train", "--fold", "0", "--set", f"exp={exp}", "--set", "backbone=resnet10t",
         "--set", "image_size=64", "--set", "arch=bloodnet",
         "--set", "seg_epochs=1", "--set", "head_epochs=1", "--set", "joint_epochs=1",
         "--set", "limit_train_batches=2", "--set", "num_workers=0",

@@ -11,14 +11,20 @@ import pytest
 import torch
 from dicom_factory import make_dicom, tilted_orientation
 
-from src import infer, infer_outputs, outputs, paths
+from src import paths
+from src.cnn.checkpoints import save_checkpoint
+from src.cnn.model import build_model
 from src.config import load_config
 from src.constants import LABELS
-from src.dicom import read_hu, to_channels
-from src.model import build_model
-from src.stack import CVResult, GRUStacker, LGBMStacker
-from src.stack_bundle import save_stackers, stack_model_dir
-from src.stack_features import assemble_series, neighbour_features, sequence_inputs
+from src.data.dicom import read_hu, to_channels
+from src.stack.bundle import save_stackers, stack_model_dir
+from src.stack.cv import CVResult
+from src.stack.features import assemble_series, neighbour_features, sequence_inputs
+from src.stack.gru import GRUStacker
+from src.stack.lgbm import LGBMStacker
+from src.triage import cli, ensemble, inputs
+from src.triage import outputs as triage_outputs
+from src.triage import predict as triage_predict
 
 EXP = "t_infer"
 SIZE = 64
@@ -79,14 +85,14 @@ def save_tiny_checkpoints(calib: list[Path], exp: str = EXP, n_folds: int = 2, a
             head.weight.mul_((2.0 / std)[:, None])
             head.bias.copy_((head.bias - mean) * 2.0 / std)
         path = paths.WORK / "models" / exp / f"fold{k}" / "best.pt"
-        outputs.save_checkpoint(path, model, cfg, epoch=1)
+        save_checkpoint(path, model, cfg, epoch=1)
         out.append(path)
     return out
 
 
 def expected_outputs(files: list[Path], ckpts: list[Path]) -> tuple[np.ndarray, np.ndarray]:
-    """Independent of src.infer: probs [n, 6] and volume_mm3 [n], mean over models and the flip view."""
-    from src.checkpoints import load_model
+    """Independent of src.triage.cli: probs [n, 6] and volume_mm3 [n], mean over models and the flip view."""
+    from src.cnn.checkpoints import load_model
 
     x = torch.from_numpy(np.stack([to_channels(read_hu(f), SIZE) for f in files])).float() / 255.0
     shapes = [read_hu(f).shape for f in files]
@@ -124,7 +130,7 @@ def messy_folder(tmp_path) -> tuple[Path, list[str]]:
 
 def test_folder_with_bad_files_orders_slices_and_lists_the_rest(messy_folder):
     folder, order = messy_folder
-    slices, images, skipped = infer.load_study_files([folder], SIZE)
+    slices, images, skipped = inputs.load_study_files([folder], SIZE)
     assert list(slices["ID"]) == order
     assert list(slices["slice_index"]) == list(range(len(order)))
     np.testing.assert_allclose(np.diff(slices["position"]), SPACING_MM, atol=1e-4)
@@ -148,14 +154,14 @@ def test_zip_input_gives_the_same_slices(messy_folder, tmp_path):
         for f in sorted(folder.rglob("*")):
             if f.is_file():
                 zf.write(f, f.relative_to(folder.parent))
-    slices, images, skipped = infer.load_study_files([archive], SIZE)
-    _, ref_images, _ = infer.load_study_files([folder], SIZE)
+    slices, images, skipped = inputs.load_study_files([archive], SIZE)
+    _, ref_images, _ = inputs.load_study_files([folder], SIZE)
     assert list(slices["ID"]) == order
     np.testing.assert_array_equal(images, ref_images)
     assert all(p.startswith(f"{archive}!study/") for p in slices["path"])
     assert len(skipped) == 3 and skipped["path"].str.contains("!study/notes.txt").any()
     # The same file given twice is used once.
-    twice, _, dup = infer.load_study_files([folder, archive], SIZE)
+    twice, _, dup = inputs.load_study_files([folder, archive], SIZE)
     assert len(twice) == len(order) and dup["reason"].str.contains("duplicate SOPInstanceUID").sum() == len(order)
 
 
@@ -169,20 +175,20 @@ def test_cli_averages_folds_flags_at_saved_thresholds_and_writes_outputs(messy_f
     assert ranked[1] - ranked[2] > 1e-3  # far from float noise between the two code paths
     cut = float((ranked[1] + ranked[2]) / 2)
     report = paths.OOF_DIR / EXP / "report" / "thresholds.json"
-    saved = infer.default_thresholds(0.8, cut)
+    saved = ensemble.default_thresholds(0.8, cut)
     saved["levels"]["study_max"]["epidural"]["0.8"] = None  # unreachable on the OOF data: never flagged
     report.parent.mkdir(parents=True, exist_ok=True)
     report.write_text(json.dumps(saved))
     out = tmp_path / "out"
     try:
-        assert infer.main([str(folder), "--exp", EXP, "--out", str(out)]) == 0
+        assert cli.main([str(folder), "--exp", EXP, "--out", str(out)]) == 0
     finally:
         report.unlink()
     screen = capsys.readouterr().out
     assert "ICH SUSPECTED" in screen and "3 files skipped" in screen and str(report) in screen
 
     slices = pd.read_csv(out / "slices.csv")
-    assert list(slices.columns) == [*infer_outputs.SLICE_COLUMNS, "flag_any"]
+    assert list(slices.columns) == [*triage_outputs.SLICE_COLUMNS, "flag_any"]
     assert list(slices["ID"]) == order
     np.testing.assert_allclose(slices[list(LABELS)].to_numpy(), want_p, atol=1e-5)
     np.testing.assert_allclose(slices["blood_volume_mm3"], want_vol, rtol=1e-4)
@@ -217,9 +223,9 @@ def test_cli_averages_folds_flags_at_saved_thresholds_and_writes_outputs(messy_f
 def test_default_thresholds_two_studies_and_nothing_usable(tmp_path, ckpts, capsys):
     make_study(tmp_path / "a", n=4, study="ID_studyA", seed=1)
     make_study(tmp_path / "b", n=3, study="ID_studyB", patient="ID_patB", seed=2)
-    ens = infer.load_ensemble(EXP)
+    ens = ensemble.load_ensemble(EXP)
     assert "default p >= 0.5" in ens.thresholds_source
-    results, skipped = infer.run([tmp_path / "a", tmp_path / "b"], ens, tmp_path / "out", tta=False)
+    results, skipped = cli.run([tmp_path / "a", tmp_path / "b"], ens, tmp_path / "out", tta=False)
     assert [r["study"] for r in results] == ["ID_studyA", "ID_studyB"] and len(skipped) == 0
     assert [r["n_slices"] for r in results] == [4, 3]
     for r in results:
@@ -227,15 +233,15 @@ def test_default_thresholds_two_studies_and_nothing_usable(tmp_path, ckpts, caps
         assert r["flags"]["any"] == bool(p_any.max() >= 0.5)
     assert len(pd.read_csv(tmp_path / "out" / "studies.csv")) == 2
     (tmp_path / "junk.txt").write_text("x")
-    assert infer.main([str(tmp_path / "junk.txt"), "--exp", EXP, "--out", str(tmp_path / "o2")]) == 2
+    assert cli.main([str(tmp_path / "junk.txt"), "--exp", EXP, "--out", str(tmp_path / "o2")]) == 2
     assert "no usable DICOM slices" in capsys.readouterr().out
-    with pytest.raises(infer.InputError, match="no fold"):
-        infer.load_ensemble("no_such_exp")
+    with pytest.raises(ensemble.InputError, match="no fold"):
+        ensemble.load_ensemble("no_such_exp")
 
 
 def per_fold_outputs(files: list[Path], ckpts: list[Path]) -> tuple[dict, dict]:
-    """Independent of src.infer: fold -> table (keys, position, probs, volume) and fold -> float16 embeddings."""
-    from src.checkpoints import load_model
+    """Independent of src.triage.cli: fold -> table (keys, position, probs, volume) and fold -> float16 embeddings."""
+    from src.cnn.checkpoints import load_model
 
     x = torch.from_numpy(np.stack([to_channels(read_hu(f), SIZE) for f in files])).float() / 255.0
     voxel = torch.tensor([PIXEL_MM**2 * (max(read_hu(f).shape) / SIZE) ** 2 * SPACING_MM for f in files])
@@ -296,17 +302,17 @@ def test_saved_stacker_runs_after_the_fold_models_with_its_thresholds(ckpts, tmp
     files = [folder / f"{i}.dcm" for i in order]
     tables, embs = per_fold_outputs(files, mine)
     fit_tiny_stackers(exp, tables, embs)
-    bundle = infer.load_stackers(exp)
+    bundle = ensemble.load_stackers(exp)
     want = bundle.predict(tables, embs)
     cnn = np.mean([t[list(LABELS)].to_numpy() for t in tables.values()], axis=0)
     assert np.abs(want["blend"] - cnn).max() > 1e-2  # the stacker moves the numbers: the check below can fail
     stack_thr = paths.OOF_DIR / f"{exp}_stack_gru" / "report" / "thresholds.json"
     stack_thr.parent.mkdir(parents=True, exist_ok=True)
-    stack_thr.write_text(json.dumps(infer.default_thresholds(0.8, 0.3)))
+    stack_thr.write_text(json.dumps(ensemble.default_thresholds(0.8, 0.3)))
 
     for kind in ("blend", "gru"):
         out = tmp_path / f"out_{kind}"
-        assert infer.main([str(folder), "--exp", exp, "--out", str(out), "--stacker", kind]) == 0
+        assert cli.main([str(folder), "--exp", exp, "--out", str(out), "--stacker", kind]) == 0
         slices = pd.read_csv(out / "slices.csv")
         assert list(slices["ID"]) == order
         np.testing.assert_allclose(slices[list(LABELS)], want[kind], atol=1e-5, err_msg=kind)
@@ -317,19 +323,19 @@ def test_saved_stacker_runs_after_the_fold_models_with_its_thresholds(ckpts, tmp
         # The GRU has its own thresholds.json; the blend has none, nor has the CNN: the documented default.
         assert ("gru stacker's" in payload["thresholds_source"]) == (kind == "gru")
         assert ("default p >= 0.5" in payload["thresholds_source"]) == (kind == "blend")
-    ens = infer.load_ensemble(exp)
+    ens = ensemble.load_ensemble(exp)
     assert ens.stacker_kind == "blend" and ens.stacker_folds() == [0, 1]
-    off = infer.load_ensemble(exp, stacker="none")
+    off = ensemble.load_ensemble(exp, stacker="none")
     assert off.stacker is None and "no stacker (turned off" in off.source()
-    np.testing.assert_allclose(infer.run_models(off, *infer.load_study_files([folder], SIZE)[:2])["probs"], cnn,
-                               atol=1e-5)
+    slices, images, _ = inputs.load_study_files([folder], SIZE)
+    np.testing.assert_allclose(triage_predict.run_models(off, slices, images)["probs"], cnn, atol=1e-5)
 
     fit_tiny_stackers(exp, tables, embs, with_gru=False)  # LightGBM only: the default falls back, a request fails
-    ens = infer.load_ensemble(exp)
+    ens = ensemble.load_ensemble(exp)
     assert ens.stacker_kind == "lgbm" and "blend not saved" in ens.stacker_note
-    with pytest.raises(infer.InputError, match="--stacker gru: gru not saved"):
-        infer.load_ensemble(exp, stacker="gru")
+    with pytest.raises(ensemble.InputError, match="--stacker gru: gru not saved"):
+        ensemble.load_ensemble(exp, stacker="gru")
     shutil.rmtree(stack_model_dir(exp))
-    assert infer.load_ensemble(exp).stacker is None
-    with pytest.raises(infer.InputError, match="none saved"):
-        infer.load_ensemble(exp, stacker="blend")
+    assert ensemble.load_ensemble(exp).stacker is None
+    with pytest.raises(ensemble.InputError, match="none saved"):
+        ensemble.load_ensemble(exp, stacker="blend")

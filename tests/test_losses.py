@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from src.losses import masked_seg_loss, weighted_bce
+from src.cnn.losses import masked_seg_loss, weighted_bce
 
 
 def test_weighted_bce_matches_hand_calculation():

@@ -8,11 +8,10 @@ import pytest
 from sklearn.metrics import log_loss, roc_auc_score
 
 from src.constants import LABEL_WEIGHTS, LABELS
-from src.metrics import (
-    any_comparison,
+from src.evaluate.any_variants import any_comparison, derived_any
+from src.metric import (
     auc_from_ranks,
     bootstrap_auc,
-    derived_any,
     per_class_log_loss,
     score_table,
     weighted_log_loss,

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
+from src.cnn.model import build_model
 from src.config import load_config
-from src.model import build_model
 
 
 @pytest.mark.parametrize("arch", ["classifier", "multitask", "bloodnet"])

@@ -23,9 +23,10 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 from test_infer import expected_outputs, make_study, save_tiny_checkpoints
 
-from src import infer, paths
+from src import paths
 from src.constants import LABELS
-from src.serve import create_app
+from src.triage import ensemble
+from src.triage.serve import create_app
 
 EXP = "t_serve"
 LIMIT_MB = 1.0
@@ -93,11 +94,11 @@ def study(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(study):
     _, _, probs, _ = study
-    ens = infer.load_ensemble(EXP)
+    ens = ensemble.load_ensemble(EXP)
     # Thresholds between the 2nd and 3rd highest p(any): two slices flagged, so the study is, and two overlays.
     ranked = np.sort(probs[:, LABELS.index("any")])[::-1]
     assert ranked[1] - ranked[2] > 1e-3
-    ens.thresholds = infer.default_thresholds(0.8, float((ranked[1] + ranked[2]) / 2))
+    ens.thresholds = ensemble.default_thresholds(0.8, float((ranked[1] + ranked[2]) / 2))
     port = _free_port()
     srv = uvicorn.Server(uvicorn.Config(create_app(ens, 0.8, LIMIT_MB), host="127.0.0.1", port=port,
                                         log_level="warning"))

@@ -13,17 +13,12 @@ from sklearn.metrics import roc_auc_score
 
 from src.constants import FOLD_COL, ID_COL, LABELS, VOLUME_COL
 from src.errors import InputError
-from src.metrics import weighted_log_loss
-from src.stack import (
-    LGBMStacker,
-    compare_predictions,
-    cross_fit,
-    level2_splits,
-    main,
-    run_stack,
-)
-from src.stack_bundle import load_stackers, stack_model_dir
-from src.stack_features import (
+from src.metric import weighted_log_loss
+from src.stack.__main__ import main
+from src.stack.bundle import load_stackers, stack_model_dir
+from src.stack.compare import compare_predictions
+from src.stack.cv import cross_fit, level2_splits
+from src.stack.features import (
     SERIES_ID,
     assemble_series,
     join_series,
@@ -31,7 +26,9 @@ from src.stack_features import (
     sequence_emb_start,
     sequence_inputs,
 )
-from src.stack_gru import GRUStacker, SliceSequenceNet, length_mask, pad_batch, reverse_sequences, series_segments
+from src.stack.gru import GRUStacker, SliceSequenceNet, length_mask, pad_batch, reverse_sequences, series_segments
+from src.stack.lgbm import LGBMStacker
+from src.stack.run import run_stack
 
 FAST_LGBM = {"n_estimators": 200, "learning_rate": 0.1, "early_stopping_rounds": 20, "n_jobs": 1, "n_seeds": 2}
 FAST_GRU = {"epochs": 6, "hidden_size": 16, "proj_size": 16, "patience": 3, "n_seeds": 2}
@@ -341,8 +338,10 @@ def test_run_stack_end_to_end_writes_three_dirs(tmp_path, monkeypatch):
             + pd.read_csv(tmp_path / "exp_stack_gru" / "stack_valid.csv")[list(LABELS)]) / 2
     np.testing.assert_allclose(blend[list(LABELS)], mean, rtol=1e-6)
 
-    import src.metadata
-    monkeypatch.setattr(src.metadata, "load_metadata", lambda d, split: meta_train if split == "train" else meta_test)
+    import src.data.metadata
+
+    fake = lambda d, split: meta_train if split == "train" else meta_test  # noqa: E731
+    monkeypatch.setattr(src.data.metadata, "load_metadata", fake)
     assert main(["--exp", "exp", "--compare", "--oof-root", str(tmp_path)]) == 0
     text = (tmp_path / "exp_stack_compare.md").read_text()
     assert "stack_blend" in text and "study_wll" in text
@@ -351,8 +350,10 @@ def test_run_stack_end_to_end_writes_three_dirs(tmp_path, monkeypatch):
 def test_partial_folds_use_inner_cv_and_cli_skip_gru(tmp_path, monkeypatch):
     meta_train, meta_test, valid, test = fake_pipeline(n_patients=30, seed=5)
     write_oof(tmp_path, "one", valid, test, folds=[0], with_emb=False)
-    import src.metadata
-    monkeypatch.setattr(src.metadata, "load_metadata", lambda d, split: meta_train if split == "train" else meta_test)
+    import src.data.metadata
+
+    fake = lambda d, split: meta_train if split == "train" else meta_test  # noqa: E731
+    monkeypatch.setattr(src.data.metadata, "load_metadata", fake)
     argv = ["--exp", "one", "--skip-gru", "--k", "2", "--n-inner", "3", "--threads", "1", "--oof-root", str(tmp_path)]
     assert main(argv) == 0
     metrics = json.loads((tmp_path / "one_stack_lgbm" / "metrics.json").read_text())

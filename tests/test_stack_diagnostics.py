@@ -6,10 +6,10 @@ import numpy as np
 import pandas as pd
 
 from src.constants import ID_COL, LABELS
-from src.metrics import weighted_log_loss
-from src.stack import level2_splits
-from src.stack_diagnostics import information_markdown, linear_stack, neighbour_information, residual_lag1_correlation
-from src.stack_features import assemble_series
+from src.metric import weighted_log_loss
+from src.stack.cv import level2_splits
+from src.stack.diagnostics import information_markdown, linear_stack, neighbour_information, residual_lag1_correlation
+from src.stack.features import assemble_series
 from tests.test_stack import _fake_level2
 
 

@@ -6,7 +6,7 @@ import pytest
 
 from src.constants import LABELS
 from src.errors import InputError, run_cli
-from src.submit import (
+from src.evaluate.submit import (
     PUBLISHED_PRIOR,
     build_submission,
     check_submission,

@@ -13,8 +13,8 @@ import pydicom.config
 import pytest
 
 from src.constants import LABELS, SUBTYPES
-from src.phantom import render, sample_anatomy
-from src.synth import generate, main
+from src.synth.generator import generate, main
+from src.synth.phantom import render, sample_anatomy
 
 N_STUDIES, SIZE, SEED = 4, 64, 3
 # RSNA UIDs (`ID_<hex>`) are invalid for VR UI, as in the real files; pydicom warns on access.

@@ -8,8 +8,8 @@ import pytest
 
 from src.constants import LABELS
 from src.errors import InputError
-from src.report import build_report, load_valid_predictions, main, triage
-from src.thresholds import (
+from src.evaluate.report import build_report, load_valid_predictions, main, triage
+from src.evaluate.thresholds import (
     ANY_SWEEP,
     aggregate_studies,
     apply_thresholds,
@@ -222,7 +222,8 @@ def test_cli_report_then_triage(tmp_path, monkeypatch, capsys):
     test_meta, test_preds = _crafted(n_studies=4, per_study=10, seed=5)
     test_meta = test_meta.drop(columns=list(LABELS))
     test_preds.assign(fold=-1).to_csv(pred_dir / "fold-1_test.csv", index=False)
-    monkeypatch.setattr("src.report.load_meta", lambda data_dir, split: meta if split == "train" else test_meta)
+    fake = lambda data_dir, split: meta if split == "train" else test_meta  # noqa: E731
+    monkeypatch.setattr("src.evaluate.report.load_meta", fake)
     assert main(["--pred", str(pred_dir), "--data", str(tmp_path), "--n-boot", "20", "--triage"]) == 0
     images = pd.read_csv(pred_dir / "report" / "triage_images.csv")
     studies = pd.read_csv(pred_dir / "report" / "triage_studies.csv")

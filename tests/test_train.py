@@ -7,12 +7,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from src import outputs
-from src.cache import load_cache
+from src.cnn import train
+from src.cnn.schedule import lr_at, phase_at, phases_for
+from src.cnn.train import run_fold
 from src.config import load_config
 from src.constants import LABELS
-from src.folds import load_folds
-from src.train import lr_at, phase_at, phases_for, run_fold
+from src.data.cache import load_cache
+from src.data.folds import load_folds
+from src.predictions import exp_dir
 
 FAST = [
     "arch=classifier",
@@ -57,18 +59,18 @@ def test_oof_rows_are_exactly_the_held_out_fold(tiny_data):
 
 def test_killed_run_resumes_from_epoch_two(tiny_data, monkeypatch):
     cfg = fast_config(tiny_data, "t_resume", "epochs=2")
-    real_write = outputs.write_epochs
+    real_write = train.write_epochs
 
     def write_then_die(history, out_dir, tag):
         real_write(history, out_dir, tag)
         raise KeyboardInterrupt  # the kill lands right after epoch 1's checkpoint
 
-    monkeypatch.setattr(outputs, "write_epochs", write_then_die)
+    monkeypatch.setattr(train, "write_epochs", write_then_die)
     with pytest.raises(KeyboardInterrupt):
         run_fold(cfg, 0, tiny_data)
-    first = pd.read_csv(outputs.exp_dir("t_resume") / "fold0_epochs.csv")
+    first = pd.read_csv(exp_dir("t_resume") / "fold0_epochs.csv")
     assert list(first["epoch"]) == [1]
-    monkeypatch.setattr(outputs, "write_epochs", real_write)
+    monkeypatch.setattr(train, "write_epochs", real_write)
 
     started = []
     real_phase_at = phase_at
@@ -77,13 +79,13 @@ def test_killed_run_resumes_from_epoch_two(tiny_data, monkeypatch):
         started.append(epoch)
         return real_phase_at(phases, epoch)
 
-    monkeypatch.setattr("src.train.phase_at", spy)
+    monkeypatch.setattr("src.cnn.train.phase_at", spy)
     run_fold(cfg, 0, tiny_data)
     assert started == [1]  # only epoch 2 (index 1) ran again
-    history = pd.read_csv(outputs.exp_dir("t_resume") / "fold0_epochs.csv")
+    history = pd.read_csv(exp_dir("t_resume") / "fold0_epochs.csv")
     assert list(history["epoch"]) == [1, 2]
     assert history["train_loss"].iloc[0] == first["train_loss"].iloc[0]  # epoch 1 kept, not retrained
-    assert (outputs.exp_dir("t_resume") / "fold0_valid.csv").exists()
+    assert (exp_dir("t_resume") / "fold0_valid.csv").exists()
 
 
 def test_changed_config_refuses_to_resume(tiny_data):

@@ -1,0 +1,82 @@
+"""Checkpoints: atomic save, resume (refusing other settings), and rebuilding the network from its own config."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from src.atomic import atomic_path
+from src.config import AugConfig, Config
+from src.errors import InputError
+
+# Keys that may change between a kill and a resume without invalidating the checkpoint.
+RESUME_SAFE_KEYS = {"num_workers", "tta_flip"}
+
+
+def save_checkpoint(path: Path, model: nn.Module, cfg: Config, epoch: int, optimizer=None, **extra: Any) -> None:
+    state = {"model": model.state_dict(), "config": dataclasses.asdict(cfg), "epoch": epoch, **extra}
+    if optimizer is not None:
+        state["optimizer"] = optimizer.state_dict()
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def load_checkpoint(path: Path, cfg: Config) -> dict[str, Any] | None:
+    """The last checkpoint of this run, or None; refuses one trained under a different config."""
+    if not path.exists():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # a checkpoint torch cannot read is a user-facing problem, not a traceback
+        raise InputError(f"{path}: cannot read checkpoint ({err}); delete it to start the fold again") from err
+    now, then = dataclasses.asdict(cfg), state.get("config", {})
+    changed = sorted(k for k in now if k not in RESUME_SAFE_KEYS and now[k] != then.get(k))
+    if changed:
+        raise InputError(
+            f"{path}: checkpoint was trained with other settings ({', '.join(changed)}); "
+            "delete its folder or choose another exp name"
+        )
+    return state
+
+
+def config_from_dict(values: dict) -> Config:
+    """A Config from dataclasses.asdict output; keys this code no longer knows are dropped with a note."""
+    known = {f.name for f in dataclasses.fields(Config)}
+    aug_known = {f.name for f in dataclasses.fields(AugConfig)}
+    dropped = sorted(set(values) - known) + [f"aug.{k}" for k in sorted(set(values.get("aug") or {}) - aug_known)]
+    if dropped:
+        print(f"note: checkpoint config keys not in this version, ignored: {', '.join(dropped)}", file=sys.stderr)
+    kwargs = {k: v for k, v in values.items() if k in known and k != "aug"}
+    if "class_weights" in kwargs:
+        kwargs["class_weights"] = tuple(kwargs["class_weights"])
+    aug = AugConfig(**{k: v for k, v in (values.get("aug") or {}).items() if k in aug_known})
+    return Config(**kwargs, aug=aug)
+
+
+def load_model(checkpoint_path: str | os.PathLike) -> tuple[nn.Module, Config]:
+    """Rebuild the model a checkpoint was trained as (its own config), load the weights, return it in eval mode."""
+    from src.cnn.model import build_model
+
+    path = Path(checkpoint_path)
+    if not path.exists():
+        raise InputError(f"{path}: checkpoint not found")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # a truncated or foreign file is a user-facing problem, not a traceback
+        raise InputError(f"{path}: cannot read checkpoint ({err})") from err
+    if not isinstance(state, dict) or "config" not in state or "model" not in state:
+        raise InputError(f"{path}: not a training checkpoint (expects 'config' and 'model' entries)")
+    cfg = config_from_dict(state["config"])
+    # The weights come from the checkpoint: never re-read the pretrained file (it may be gone on this machine).
+    model = build_model(dataclasses.replace(cfg, pretrained_path=""))
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as err:
+        raise InputError(f"{path}: weights do not fit {cfg.arch}/{cfg.backbone} ({str(err).splitlines()[0]})") from err
+    return model.eval(), cfg

@@ -1,0 +1,271 @@
+"""Resumable uint8 image cache: every metadata row as 3 CT windows at S px (plus train masks), memory-mapped."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import time
+from multiprocessing import Pool
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+from src import paths
+from src.atomic import write_csv, write_json
+from src.constants import ID_COL, WINDOWS
+from src.data.dicom import DicomError, mask_to_size
+from src.data.dicom_fast import read_channels
+from src.data.metadata import load_metadata
+from src.errors import InputError, run_cli
+
+CHUNK_ROWS = 256  # progress is recorded per chunk: a kill loses at most one chunk per worker
+INDEX_COLUMNS = ["ID", "cache_row", "mask_row", "ok"]
+BAD_COLUMNS = ["ID", "path", "reason"]
+
+
+def _files(data_dir: Path, size: int, split: str) -> dict[str, Path]:
+    d = paths.cache_dir(data_dir, size)
+    return {
+        "images": d / f"images_{split}.npy",
+        "images_partial": d / f"images_{split}.npy.partial",
+        "masks": d / "masks_train.npy",
+        "masks_partial": d / "masks_train.npy.partial",
+        "index": d / f"index_{split}.csv",
+        "bad": d / f"bad_files_{split}.csv",
+        "progress": d / f"progress_{split}.json",
+    }
+
+
+def _plan(meta: pd.DataFrame, split: str) -> pd.DataFrame:
+    plan = meta[[ID_COL, "path", "rows", "cols"]].copy()
+    plan["cache_row"] = np.arange(len(plan), dtype=np.int64)
+    has_mask = meta["has_mask"].astype(bool).to_numpy() if split == "train" and "has_mask" in meta else None
+    if has_mask is None:
+        plan["mask_row"] = -1
+    else:
+        plan["mask_row"] = np.where(has_mask, np.cumsum(has_mask) - 1, -1)
+    return plan
+
+
+def _fingerprint(plan: pd.DataFrame, size: int, chunk_rows: int) -> str:
+    h = hashlib.sha1(f"{size}|{chunk_rows}|{int((plan['mask_row'] >= 0).sum())}|".encode())
+    h.update("\n".join(plan[ID_COL]).encode())
+    return h.hexdigest()
+
+
+def _read_mask(path: Path, shape: tuple[int, int]) -> np.ndarray:
+    mask = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if mask is None:
+        raise InputError(f"{path}: mask PNG missing or unreadable")
+    if mask.ndim == 3:
+        mask = mask[..., 0]
+    if mask.shape != shape:
+        raise InputError(f"{path}: mask is {mask.shape[0]}x{mask.shape[1]}, image is {shape[0]}x{shape[1]}")
+    return mask
+
+
+def _init_worker() -> None:
+    cv2.setNumThreads(1)  # one process per core already; OpenCV's own threads would oversubscribe
+
+
+def _process_chunk(task: dict) -> tuple[int, list[list]]:
+    """Fill the chunk's rows of the .partial memmaps; returns [ID, path, reason, kind] for what was skipped."""
+    data_dir, size = Path(task["data_dir"]), task["size"]
+    images = np.lib.format.open_memmap(task["images"], mode="r+")
+    masks = np.lib.format.open_memmap(task["masks"], mode="r+") if task["masks"] else None
+    bad: list[list] = []
+    for image_id, rel, rows, cols, cache_row, mask_row in task["rows"]:
+        try:
+            read_channels(data_dir / rel, size, out=images[cache_row])
+        except DicomError as err:
+            images[cache_row] = 0
+            bad.append([image_id, rel, err.reason, "image"])
+        if mask_row >= 0:
+            mask_rel = os.path.join(paths.MASKS_DIR, f"{image_id}.png")
+            try:
+                masks[mask_row] = mask_to_size(_read_mask(data_dir / mask_rel, (rows, cols)), size)
+            except InputError as err:
+                masks[mask_row] = 0
+                bad.append([image_id, mask_rel, f"mask skipped: {err}", "mask"])
+    images.flush()
+    if masks is not None:
+        masks.flush()
+    return task["chunk"], bad
+
+
+def _is_complete(files: dict[str, Path], plan: pd.DataFrame, size: int) -> bool:
+    if not (files["index"].exists() and files["images"].exists()):
+        return False
+    try:
+        index = pd.read_csv(files["index"], dtype={ID_COL: str})
+        images = np.load(files["images"], mmap_mode="r")
+    except (OSError, ValueError, pd.errors.ParserError):
+        return False
+    if images.shape != (len(plan), len(WINDOWS), size, size) or list(index[ID_COL]) != list(plan[ID_COL]):
+        return False
+    n_masks = int((plan["mask_row"] >= 0).sum())
+    return not n_masks or (
+        files["masks"].exists() and np.load(files["masks"], mmap_mode="r").shape == (n_masks, size, size)
+    )
+
+
+def _start(files: dict[str, Path], plan: pd.DataFrame, size: int, fingerprint: str) -> dict:
+    """Resume a matching .partial build, or start a fresh one (zero-filled memmaps, empty progress)."""
+    n_masks = int((plan["mask_row"] >= 0).sum())
+    if files["progress"].exists() and files["images_partial"].exists():
+        try:
+            progress = json.loads(files["progress"].read_text())
+        except (json.JSONDecodeError, OSError):
+            progress = {}
+        if progress.get("fingerprint") == fingerprint and (n_masks == 0 or files["masks_partial"].exists()):
+            print(f"resuming: {len(progress['done'])} chunks already done")
+            return progress
+    # A stale index beside a new build could later pass for complete: remove it first.
+    files["index"].unlink(missing_ok=True)
+    files["images"].parent.mkdir(parents=True, exist_ok=True)
+    shape = (len(plan), len(WINDOWS), size, size)
+    # New memmap files are sparse zeros: rows never written (failed files) stay zero-filled.
+    np.lib.format.open_memmap(files["images_partial"], mode="w+", dtype=np.uint8, shape=shape).flush()
+    if n_masks:
+        np.lib.format.open_memmap(
+            files["masks_partial"], mode="w+", dtype=np.uint8, shape=(n_masks, size, size)
+        ).flush()
+    progress = {"fingerprint": fingerprint, "done": [], "bad": []}
+    write_json(progress, files["progress"])
+    return progress
+
+
+def build_cache(
+    data_dir: str | os.PathLike, size: int, split: str, workers: int = 2, chunk_rows: int = CHUNK_ROWS
+) -> Path:
+    """Build (or resume, or keep) the split's cache under paths.cache_dir; returns the cache folder."""
+    data_dir = Path(data_dir).resolve()
+    meta = load_metadata(data_dir, split, workers)
+    plan = _plan(meta, split)
+    files = _files(data_dir, size, split)
+    if _is_complete(files, plan, size):
+        print(f"{files['images']} is complete ({len(plan)} images)")
+        return files["images"].parent
+    fingerprint = _fingerprint(plan, size, chunk_rows)
+    progress = _start(files, plan, size, fingerprint)
+    done = set(progress["done"])
+    n_masks = int((plan["mask_row"] >= 0).sum())
+    records = [
+        (i, p, int(r), int(k), int(cr), int(mr))
+        for i, p, r, k, cr, mr in plan[[ID_COL, "path", "rows", "cols", "cache_row", "mask_row"]].itertuples(
+            index=False, name=None
+        )
+    ]
+    common = {
+        "data_dir": str(data_dir),
+        "size": size,
+        "images": str(files["images_partial"]),
+        "masks": str(files["masks_partial"]) if n_masks else "",
+    }
+    tasks = [
+        {**common, "chunk": c, "rows": records[s : s + chunk_rows]}
+        for c, s in enumerate(range(0, len(records), chunk_rows))
+        if c not in done
+    ]
+    todo_rows = sum(len(t["rows"]) for t in tasks)
+    start = time.perf_counter()
+    with tqdm(total=todo_rows, desc=f"cache {split} {size}px", disable=todo_rows == 0) as bar:
+        pool = Pool(workers, initializer=_init_worker) if workers > 1 and len(tasks) > 1 else None
+        try:
+            results = pool.imap_unordered(_process_chunk, tasks) if pool else map(_process_chunk, tasks)
+            sizes = {t["chunk"]: len(t["rows"]) for t in tasks}
+            for chunk, bad in results:
+                progress["done"].append(chunk)
+                progress["bad"].extend(bad)
+                write_json(progress, files["progress"])
+                bar.update(sizes[chunk])
+        finally:
+            if pool:
+                pool.terminate()
+                pool.join()
+    elapsed = time.perf_counter() - start
+    if todo_rows:
+        print(f"cached {todo_rows} images in {elapsed:.1f} s ({todo_rows / max(elapsed, 1e-9):.1f} images/s)")
+    _finish(files, plan, progress, n_masks)
+    return files["images"].parent
+
+
+def _finish(files: dict[str, Path], plan: pd.DataFrame, progress: dict, n_masks: int) -> None:
+    """Tables first, renames last: a kill in between resumes with nothing to do and finishes here again."""
+    bad = pd.DataFrame([b[:3] for b in progress["bad"]], columns=BAD_COLUMNS)
+    failed_images = {b[0] for b in progress["bad"] if b[3] == "image"}
+    failed_masks = {b[0] for b in progress["bad"] if b[3] == "mask"}
+    index = plan[[ID_COL, "cache_row", "mask_row"]].copy()
+    index["ok"] = (~index[ID_COL].isin(failed_images)).astype(np.int8)
+    index.loc[index[ID_COL].isin(failed_masks), "mask_row"] = -1
+    write_csv(bad, files["bad"])
+    write_csv(index, files["index"])
+    if n_masks:
+        os.replace(files["masks_partial"], files["masks"])
+    os.replace(files["images_partial"], files["images"])
+    files["progress"].unlink(missing_ok=True)
+    if len(bad):
+        shown = "; ".join(f"{r.ID}: {r.reason}" for r in bad.head(3).itertuples())
+        print(
+            f"skipped {len(bad)} files ({len(failed_images)} images, {len(failed_masks)} masks), listed in "
+            f"{files['bad']}: {shown}"
+        )
+    print(f"wrote {files['images']} ({len(index)} rows, {int(index['ok'].sum())} ok)")
+
+
+def bad_ids(data_dir: str | os.PathLike, size: int, split: str) -> list[str]:
+    """Images with no cached pixels: unreadable headers (not in metadata) and undecodable pixels (ok = 0)."""
+    data_dir = Path(data_dir).resolve()
+    files = _files(data_dir, size, split)
+    ids: list[str] = []
+    headers = paths.metadata_csv(data_dir, split).with_name(f"bad_headers_{split}.csv")
+    if headers.exists():
+        ids += list(pd.read_csv(headers, dtype={ID_COL: str})[ID_COL])
+    if files["index"].exists():
+        index = pd.read_csv(files["index"], dtype={ID_COL: str})
+        ids += list(index.loc[index["ok"] == 0, ID_COL])
+    return sorted(set(ids))
+
+
+def load_cache(
+    data_dir: str | os.PathLike, size: int, split: str, workers: int = 2
+) -> tuple[pd.DataFrame, np.memmap, np.memmap | None]:
+    """(metadata of usable images + cache_row/mask_row, images [N,3,S,S], train masks [M,S,S] or None); builds if
+    needed. Rows with ok = 0 are dropped; their IDs (and unreadable headers) are in meta.attrs["bad_ids"]."""
+    data_dir = Path(data_dir).resolve()
+    build_cache(data_dir, size, split, workers)
+    files = _files(data_dir, size, split)
+    meta = load_metadata(data_dir, split, workers)
+    index = pd.read_csv(files["index"], dtype={ID_COL: str})
+    merged = meta.merge(index, on=ID_COL, how="inner", validate="one_to_one")
+    if len(merged) != len(meta) or not (merged["cache_row"].to_numpy() == np.arange(len(meta))).all():
+        raise InputError(f"{files['index']}: does not match {paths.metadata_csv(data_dir, split)}; delete the cache")
+    usable = merged[merged["ok"] == 1].reset_index(drop=True)
+    usable.attrs["bad_ids"] = bad_ids(data_dir, size, split)
+    images = np.load(files["images"], mmap_mode="r")
+    masks = np.load(files["masks"], mmap_mode="r") if split == "train" and files["masks"].exists() else None
+    return usable, images, masks
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m src.data.cache", description=__doc__)
+    parser.add_argument("--data", help="data directory (default: $ICH_DATA, input/, input/synthetic/)")
+    parser.add_argument("--size", type=int, default=128)
+    parser.add_argument("--split", choices=("train", "test", "both"), default="both")
+    parser.add_argument("--workers", type=int, default=2)
+    args = parser.parse_args(argv)
+    if args.size < 8:
+        raise InputError(f"--size {args.size}: too small")
+    data_dir = paths.resolve_data_dir(args.data)
+    for split in ("train", "test") if args.split == "both" else (args.split,):
+        build_cache(data_dir, args.size, split, args.workers)
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,162 @@
+"""Blood volume per study: predicted (sum of the slices' mm³) against the true painted volume, with a scatter plot."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+
+from src import paths
+from src.atomic import save_png, write_csv, write_json
+from src.constants import ID_COL, STUDY, VOLUME_COL
+from src.errors import InputError, run_cli
+
+MM3_PER_ML = 1000.0
+PLOT_FLOOR_ML = 1e-3  # log axes cannot show 0: a study with no (predicted or true) blood is drawn at 1 mm³
+
+
+def _json_safe(value):
+    """NaN is not JSON: missing numbers are written as null."""
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    return value
+
+
+def read_volume_predictions(pred: Path) -> pd.DataFrame:
+    """An experiment folder's OOF files (fold*_valid.csv), or one prediction CSV; they need the volume column."""
+    if not pred.exists():
+        raise InputError(f"{pred}: prediction folder or file not found")
+    files = sorted(pred.glob("fold*_valid.csv")) if pred.is_dir() else [pred]
+    if not files:
+        raise InputError(f"{pred}: no fold*_valid.csv prediction files in this folder")
+    frames = []
+    for f in files:
+        frame = pd.read_csv(f, dtype={ID_COL: str})
+        if VOLUME_COL not in frame:
+            raise InputError(f"{f}: no {VOLUME_COL} column (only arch=bloodnet/multitask predict a volume)")
+        frames.append(frame)
+    table = pd.concat(frames, ignore_index=True)
+    if table[ID_COL].duplicated().any():
+        raise InputError(f"{pred}: image {table.loc[table[ID_COL].duplicated(), ID_COL].iloc[0]} is predicted twice")
+    return table
+
+
+def study_volumes(pred: pd.DataFrame, meta: pd.DataFrame, true: pd.DataFrame | None = None) -> pd.DataFrame:
+    """One row per study: slice counts, predicted (and true) blood volume in mm³ and mL, absolute % error."""
+    df = pred[[ID_COL, VOLUME_COL]].merge(meta[[ID_COL, STUDY, "any"]], on=ID_COL, how="left", validate="one_to_one")
+    if df[STUDY].isna().any():
+        raise InputError(f"{int(df[STUDY].isna().sum())} predicted images are not in the train metadata "
+                         f"(e.g. {df.loc[df[STUDY].isna(), ID_COL].iloc[0]}): wrong --data?")
+    agg = {"n_slices": (ID_COL, "size"), "n_positive_slices": ("any", "sum"), "pred_volume_mm3": (VOLUME_COL, "sum")}
+    if true is not None:
+        t = true[[ID_COL, VOLUME_COL]].rename(columns={VOLUME_COL: "true_mm3"})
+        df = df.merge(t, on=ID_COL, how="left", validate="one_to_one")
+        if df["true_mm3"].isna().any():
+            raise InputError(f"{paths.TRUE_VOLUMES_CSV}: {int(df['true_mm3'].isna().sum())} predicted images lack a "
+                             "true volume")
+        agg["true_volume_mm3"] = ("true_mm3", "sum")
+    table = df.groupby(STUDY, sort=True).agg(**agg).reset_index()
+    table["n_positive_slices"] = table["n_positive_slices"].astype(int)
+    table["pred_volume_ml"] = table["pred_volume_mm3"] / MM3_PER_ML
+    if true is not None:
+        table["true_volume_ml"] = table["true_volume_mm3"] / MM3_PER_ML
+        positive = table["true_volume_mm3"] > 0
+        err = (table["pred_volume_mm3"] - table["true_volume_mm3"]).abs() / table["true_volume_mm3"].where(positive)
+        table["abs_pct_error"] = 100.0 * err
+    return table
+
+
+def volume_summary(table: pd.DataFrame) -> dict:
+    """Median absolute percentage error over positive studies (true volume > 0), and the false blood on negatives."""
+    out = {"n_studies": len(table), "median_pred_ml": float(table["pred_volume_ml"].median())}
+    if "true_volume_mm3" not in table:
+        return {k: _json_safe(v) for k, v in out.items()}
+    pos = table[table["true_volume_mm3"] > 0]
+    neg = table[table["true_volume_mm3"] <= 0]
+    out.update({
+        "n_positive_studies": len(pos),
+        "mdape_percent": float(pos["abs_pct_error"].median()) if len(pos) else float("nan"),
+        "spearman_positive": float(pos["pred_volume_mm3"].corr(pos["true_volume_mm3"], method="spearman"))
+        if len(pos) > 1 else float("nan"),
+        "n_negative_studies": len(neg),
+        "median_pred_ml_negative_studies": float(neg["pred_volume_ml"].median()) if len(neg) else float("nan"),
+    })
+    return {k: _json_safe(v) for k, v in out.items()}
+
+
+def plot_volume_scatter(table: pd.DataFrame, path: Path, title: str = "") -> Path:
+    """Log-log predicted vs true study volume (mL); zeros are drawn at the floor, true negatives as crosses."""
+    fig = Figure(figsize=(5, 5))
+    ax = fig.add_subplot()
+    true = table["true_volume_ml"].clip(lower=PLOT_FLOOR_ML)
+    pred = table["pred_volume_ml"].clip(lower=PLOT_FLOOR_ML)
+    pos = table["true_volume_mm3"] > 0
+    ax.scatter(true[pos], pred[pos], s=18, alpha=0.8, label=f"positive studies ({int(pos.sum())})")
+    if (~pos).any():
+        ax.scatter(true[~pos], pred[~pos], s=24, marker="x", color="tab:red",
+                   label=f"negative studies ({int((~pos).sum())}), drawn at {PLOT_FLOOR_ML * MM3_PER_ML:g} mm³")
+    lo = PLOT_FLOOR_ML / 2
+    hi = max(float(true.max()), float(pred.max()), 1.0) * 2
+    ax.plot([lo, hi], [lo, hi], color="grey", lw=1, ls="--", label="predicted = true")
+    ax.set(xscale="log", yscale="log", xlim=(lo, hi), ylim=(lo, hi), xlabel="true blood volume (mL)",
+           ylabel="predicted blood volume (mL)", title=title)
+    ax.legend(fontsize=7, loc="lower right")
+    return save_png(fig, path)
+
+
+def _run_data_dir(pred: Path) -> Path | None:
+    """The data directory recorded in the experiment's run record, if any."""
+    folder = pred if pred.is_dir() else pred.parent
+    for record in sorted(folder.glob("*_run.json")):
+        try:
+            data_dir = json.loads(record.read_text()).get("config", {}).get("data_dir")
+        except (OSError, ValueError):
+            continue
+        if data_dir:
+            return Path(data_dir)
+    return None
+
+
+def run_volumes(pred: Path, data_dir: Path | None = None) -> dict:
+    """study_volumes.csv, volume_summary.json and (with true volumes) volume_scatter.png under <pred>/bloodnet/."""
+    from src.data.metadata import load_metadata
+
+    pred = Path(pred)
+    data_dir = Path(data_dir) if data_dir else (_run_data_dir(pred) or paths.resolve_data_dir(None))
+    table = read_volume_predictions(pred)
+    true_csv = data_dir / paths.TRUE_VOLUMES_CSV
+    true = pd.read_csv(true_csv, dtype={ID_COL: str}) if true_csv.exists() else None
+    vols = study_volumes(table, load_metadata(data_dir, "train"), true)
+    summary = volume_summary(vols)
+    out_dir = (pred if pred.is_dir() else pred.parent) / "bloodnet"
+    write_csv(vols, out_dir / "study_volumes.csv")
+    write_json({"predictions": str(pred), "data_dir": str(data_dir), **summary}, out_dir / "volume_summary.json")
+    if true is not None:
+        mdape = summary.get("mdape_percent")
+        title = f"{pred.name}: MdAPE {mdape:.1f}% over positive studies" if mdape is not None else pred.name
+        plot_volume_scatter(vols, out_dir / "volume_scatter.png", title)
+    else:
+        print(f"note: {true_csv} not found; no true volumes, no error or scatter plot")
+    print(", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))
+    print(f"wrote {out_dir}")
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m src.evaluate.volumes", description=__doc__)
+    parser.add_argument("--pred", required=True, type=Path, help="oof/<exp> folder (fold*_valid.csv) or one CSV")
+    parser.add_argument("--data", help="data directory (default: the one in the run record, then $ICH_DATA, ...)")
+    args = parser.parse_args(argv)
+    data_dir = paths.resolve_data_dir(args.data) if args.data else None
+    if data_dir is not None and not data_dir.exists():
+        raise InputError(f"{data_dir}: data directory not found")
+    run_volumes(args.pred, data_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,54 @@
+"""Level-2 stacking over slice sequences (`python -m src.stack --exp EXP`): LightGBM, BiGRU, their blend."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from src.errors import InputError, run_cli
+from src.predictions import fold_files, run_config
+from src.stack.compare import run_compare
+from src.stack.run import run_stack
+
+
+def main(argv: list[str] | None = None) -> int:
+    from src.config import Config
+    from src.data.metadata import load_metadata
+    from src.paths import OOF_DIR, resolve_data_dir
+
+    parser = argparse.ArgumentParser(prog="python -m src.stack", description=__doc__)
+    parser.add_argument("--exp", required=True, help="experiment name: reads oof/EXP/fold*_{valid,test}.csv")
+    parser.add_argument("--data", help="data directory (default: the one in oof/EXP/fold*_run.json, else "
+                        "$ICH_DATA, input/, input/synthetic/)")
+    parser.add_argument("--k", type=int, default=5, help="neighbours on each side for the LightGBM features")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--skip-gru", action="store_true", help="LightGBM only (no GRU, no blend)")
+    parser.add_argument("--compare", action="store_true", help="only write the comparison of existing outputs")
+    parser.add_argument("--n-folds", type=int, help="folds of the CNN's CV (default: from fold*_run.json)")
+    parser.add_argument("--n-inner", type=int, default=5, help="inner CV folds when some CNN folds are missing")
+    parser.add_argument("--device", default="cpu", help="GRU device: cpu, cuda or auto")
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads for LightGBM and torch")
+    parser.add_argument("--oof-root", default=str(OOF_DIR), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.k < 0:
+        raise InputError(f"--k must be >= 0, got {args.k}")
+    oof_root = Path(args.oof_root)
+    run_cfg = run_config(oof_root / args.exp)
+    recorded = run_cfg.get("data_dir") or ""
+    data_dir = resolve_data_dir(args.data or (recorded if recorded and Path(recorded).is_dir() else None))
+    n_folds = args.n_folds or int(run_cfg.get("n_folds") or Config().n_folds)
+    meta_train = load_metadata(data_dir, "train")
+    if not args.compare:
+        has_test = bool(fold_files(oof_root / args.exp, "test"))
+        meta_test = load_metadata(data_dir, "test") if has_test else None
+        torch.set_num_threads(args.threads)
+        run_stack(args.exp, oof_root, meta_train, meta_test, n_folds, args.k, args.seed, args.skip_gru,
+                  lgbm_params={"n_jobs": args.threads}, gru_params={"device": args.device}, n_inner=args.n_inner)
+    run_compare(args.exp, oof_root, meta_train, n_folds, args.n_inner, args.seed)
+    return 0
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,56 @@
+"""Fold-safe level-2 cross-fitting: which rows each stacker model is fit on and which it predicts."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+from sklearn.model_selection import GroupKFold
+from tqdm import tqdm
+
+from src.constants import LABELS
+from src.errors import InputError
+
+
+def level2_splits(folds: np.ndarray, groups: np.ndarray, n_folds: int, n_inner: int = 5,
+                  seed: int = 0) -> tuple[str, list[tuple[np.ndarray, np.ndarray]]]:
+    """(mode, [(fit rows, predicted rows)]). All n_folds present: leave one CNN fold out, on the same folds.
+    Otherwise: patient-grouped K-fold inside the available OOF rows. Every row is predicted exactly once."""
+    present = sorted(np.unique(folds).tolist())
+    if present == list(range(n_folds)) and n_folds >= 2:
+        return "same_folds", [(np.flatnonzero(folds != f), np.flatnonzero(folds == f)) for f in present]
+    n_groups = len(np.unique(groups))
+    if n_groups < 2:
+        raise InputError(f"the available OOF holds {n_groups} patient(s); stacking needs at least 2")
+    splitter = GroupKFold(n_splits=min(n_inner, n_groups), shuffle=True, random_state=seed)
+    return "inner_group_cv", [(tr, va) for tr, va in splitter.split(folds, groups=groups)]
+
+
+@dataclass
+class CVResult:
+    oof: np.ndarray
+    test: np.ndarray | None
+    log: list[dict] = field(default_factory=list)  # per model: fit rows and predicted rows (row numbers)
+    models: list = field(default_factory=list)  # the fitted split models, kept for reuse on new series
+
+
+def cross_fit(splits: list[tuple[np.ndarray, np.ndarray]], n_rows: int, fit: Callable[[np.ndarray], object],
+              predict: Callable[[object, np.ndarray], np.ndarray],
+              predict_test: Callable[[object], np.ndarray] | None = None, desc: str = "stack") -> CVResult:
+    """Fit one model per split on its fit rows, predict its held-out rows; test = mean over the split models
+    (each fit on OOF rows only, so the test path never sees a model fit on what it scores)."""
+    oof = np.full((n_rows, len(LABELS)), np.nan)
+    tests, log, models = [], [], []
+    for fit_rows, pred_rows in tqdm(splits, desc=desc, leave=False):
+        if np.intersect1d(fit_rows, pred_rows).size:
+            raise RuntimeError("a split fits and predicts the same row")
+        model = fit(fit_rows)
+        oof[pred_rows] = predict(model, pred_rows)
+        if predict_test is not None:
+            tests.append(predict_test(model))
+        log.append({"fit_rows": fit_rows, "pred_rows": pred_rows})
+        models.append(model)
+    if np.isnan(oof).any():
+        raise RuntimeError("some OOF rows were never predicted")
+    return CVResult(oof, np.mean(tests, axis=0) if tests else None, log, models)
