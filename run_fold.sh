@@ -35,6 +35,8 @@ if [ ${#data_args[@]} -eq 0 ] && [ -z "${ICH_DATA:-}" ] && [ ! -f input/stage_2_
 fi
 
 exp="$("$PY" -m src.config "${config_args[@]}" --get exp_name)"
+# Outputs go under $ICH_OUT when set (as every Python stage does), else under the repository.
+out="${ICH_OUT:-.}"
 stage() { echo; echo "== $1"; shift; "$PY" "$@"; }
 
 stage "metadata" -m src.data.metadata "${data_args[@]}"
@@ -45,37 +47,42 @@ stage "train fold $fold" -m src.cnn.train --fold "$fold" "${config_args[@]}" "${
 
 # Everything below works on whatever predictions exist after this fold (one fold, or all of them).
 if [ "$("$PY" -m src.config "${config_args[@]}" --get arch)" != "classifier" ] && [ "$fold" -ge 0 ]; then
-  stage "blood volume per study" -m src.evaluate.volumes --pred "oof/$exp" "${data_args[@]}"
+  stage "blood volume per study" -m src.evaluate.volumes --pred "$out/oof/$exp" "${data_args[@]}"
   stage "overlays of predicted blood" -m src.cnn.overlays --exp "$exp" --fold "$fold" "${data_args[@]}"
 fi
-if compgen -G "oof/$exp/fold[0-9]*_valid.csv" > /dev/null; then
-  stage "sequence stackers on the available OOF" -m src.stack --exp "$exp" "${data_args[@]}"
+if compgen -G "$out/oof/$exp/fold[0-9]*_valid.csv" > /dev/null; then
+  # Stacking is optional: when it cannot run (status 2, e.g. too few patients in one fold's OOF) the run goes on
+  # with the CNN's predictions and says so; any other failure still stops the run.
+  status=0
+  stage "sequence stackers on the available OOF" -m src.stack --exp "$exp" "${data_args[@]}" || status=$?
+  [ "$status" -eq 0 ] || [ "$status" -eq 2 ] || exit "$status"
+  [ "$status" -eq 0 ] || echo "[stack] skipped: the message above says why; reports and submission use the CNN"
 fi
-for pred in "oof/$exp" "oof/${exp}_stack_lgbm" "oof/${exp}_stack_gru" "oof/${exp}_stack_blend"; do
+for pred in "$out/oof/$exp" "$out/oof/${exp}_stack_lgbm" "$out/oof/${exp}_stack_gru" "$out/oof/${exp}_stack_blend"; do
   if compgen -G "$pred/*_valid.csv" > /dev/null; then
     stage "report: $pred" -m src.evaluate.report --pred "$pred" "${data_args[@]}" --triage
   fi
 done
 # Submit from whichever predictions score best on the same OOF rows: a stacker fit on one fold's OOF can be worse
 # than the CNN it stacks, and then the CNN's own test predictions go in.
-best_pred="$("$PY" - "$exp" <<'PYEOF'
+best_pred="$("$PY" - "$out/oof" "$exp" <<'PYEOF'
 import json, sys
 from pathlib import Path
 
-exp = sys.argv[1]
+oof, exp = Path(sys.argv[1]), sys.argv[2]
 scores = {}  # prediction dir -> OOF weighted log loss; every stacker reports the CNN's on the same rows
 for kind in ("blend", "lgbm", "gru"):
-    folder = Path(f"oof/{exp}_stack_{kind}")
+    folder = oof / f"{exp}_stack_{kind}"
     if (folder / "metrics.json").exists() and (folder / "stack_test.csv").exists():
         metrics = json.loads((folder / "metrics.json").read_text())
         scores[str(folder)] = metrics["stacked"]["weighted_log_loss"]
-        scores[f"oof/{exp}"] = metrics["cnn_same_rows"]["weighted_log_loss"]
-print(min(scores, key=scores.get) if scores else f"oof/{exp}")
+        scores[str(oof / exp)] = metrics["cnn_same_rows"]["weighted_log_loss"]
+print(min(scores, key=scores.get) if scores else str(oof / exp))
 PYEOF
 )"
 stage "submission from $best_pred" -m src.evaluate.submit --pred "$best_pred" --name "${exp}_fold${fold}" "${data_args[@]}"
 data_dir="$("$PY" -c 'import sys; from src.paths import resolve_data_dir; print(resolve_data_dir(sys.argv[1] or None))' "${data_args[1]:-}")"
-stage "check the submission" -m src.evaluate.submit --check "submissions/${exp}_fold${fold}.csv" \
+stage "check the submission" -m src.evaluate.submit --check "$out/submissions/${exp}_fold${fold}.csv" \
   --sample "$data_dir/stage_2_sample_submission.csv"
 echo
-echo "done: predictions in oof/$exp/, reports in oof/*/report/, submission in submissions/${exp}_fold${fold}.csv"
+echo "done: predictions in $out/oof/$exp/, reports in $out/oof/*/report/, submission in $out/submissions/${exp}_fold${fold}.csv"

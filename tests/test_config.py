@@ -1,8 +1,16 @@
 """Config: YAML and --set overrides with type coercion; unknown keys and bad values are clear errors."""
 
-import pytest
+import importlib.metadata
 
+import numpy as np
+import pytest
+import torch
+
+from src.cnn.losses import weighted_bce
 from src.config import load_config, run_record
+from src.constants import LABELS
+from src.metric import weighted_log_loss
+from src.paths import ROOT
 from src.errors import InputError
 
 
@@ -19,8 +27,18 @@ def test_defaults_and_overrides(tmp_path):
     assert cfg.exp_name == "bloodnet-resnet10t-128px-c2"
 
 
-def test_default_weights_match_metric():
-    assert load_config().class_weights == (1.0, 1.0, 1.0, 1.0, 1.0, 2.0)
+def test_default_training_loss_is_the_competition_metric():
+    # Training with the default class weights must optimise exactly what Kaggle scores: the weighted BCE of the
+    # default config equals the competition metric on the same probabilities (a change to either breaks this).
+    rng = np.random.default_rng(0)
+    logits = torch.tensor(rng.normal(0, 2, (64, len(LABELS))), dtype=torch.float64)
+    labels = torch.tensor(rng.random((64, len(LABELS))) < 0.3, dtype=torch.float64)
+    weights = torch.tensor(load_config().class_weights, dtype=torch.float64)
+    loss = float(weighted_bce(logits, labels, weights))
+    metric = weighted_log_loss(labels.numpy(), torch.sigmoid(logits).numpy())
+    assert loss == pytest.approx(metric, rel=1e-6)
+    uniform = float(weighted_bce(logits, labels, torch.ones(len(LABELS), dtype=torch.float64)))
+    assert uniform != pytest.approx(metric, rel=1e-3)  # the check can tell the weighting apart
 
 
 @pytest.mark.parametrize(
@@ -48,5 +66,8 @@ def test_unknown_yaml_key_names_the_file(tmp_path):
 
 def test_run_record_has_versions_and_git():
     record = run_record(load_config())
-    assert record["packages"]["torch"].startswith("2.14.1")
+    # The record holds what is installed, and requirements.txt pins torch and torchvision as one pair.
+    assert record["packages"]["torch"] == importlib.metadata.version("torch")
+    pins = dict(line.split("==") for line in (ROOT / "requirements.txt").read_text().splitlines() if "==" in line)
+    assert {"torch", "torchvision"} <= set(pins)
     assert record["config"]["backbone"] == "resnet10t" and record["git"]

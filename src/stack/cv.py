@@ -21,8 +21,9 @@ def level2_splits(folds: np.ndarray, groups: np.ndarray, n_folds: int, n_inner: 
     if present == list(range(n_folds)) and n_folds >= 2:
         return "same_folds", [(np.flatnonzero(folds != f), np.flatnonzero(folds == f)) for f in present]
     n_groups = len(np.unique(groups))
-    if n_groups < 2:
-        raise InputError(f"the available OOF holds {n_groups} patient(s); stacking needs at least 2")
+    # Each fit set needs >= 2 patients: the stackers hold one out for early stopping.
+    if n_groups < 3:
+        raise InputError(f"the available OOF holds {n_groups} patient(s); stacking needs at least 3")
     splitter = GroupKFold(n_splits=min(n_inner, n_groups), shuffle=True, random_state=seed)
     return "inner_group_cv", [(tr, va) for tr, va in splitter.split(folds, groups=groups)]
 

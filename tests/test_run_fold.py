@@ -1,0 +1,63 @@
+"""End to end: `bash run_fold.sh 0` on a tiny generated set, from DICOM to a checked submission, outputs under ICH_OUT."""
+
+import os
+import subprocess
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from src.synth.generator import generate
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ["--set", "image_size=64", "--set", "seg_epochs=1", "--set", "head_epochs=1", "--set", "joint_epochs=1",
+        "--set", "limit_train_batches=2", "--set", "batch_size=16", "--set", "num_workers=0"]
+
+
+def run_fold(args: list[str], data: Path, out: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "ICH_DATA": str(data), "ICH_OUT": str(out)}
+    return subprocess.run(["bash", str(ROOT / "run_fold.sh"), *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def tiny_set(tmp_path_factory) -> Path:
+    data = tmp_path_factory.mktemp("smoke") / "data"
+    generate(data, n_studies=24, seed=3, size=64)
+    return data
+
+
+def repo_outputs() -> set[Path]:
+    return {p for d in ("oof", "submissions", "folds", "work") for p in (ROOT / d).rglob("*") if p.is_file()}
+
+
+def test_run_fold_zero_end_to_end(tiny_set, tmp_path):
+    before = repo_outputs()
+    done = run_fold(["0", *TINY], tiny_set, tmp_path)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    exp = "bloodnet-resnet10t-64px-c0"
+    oof = tmp_path / "oof" / exp
+    valid = pd.read_csv(oof / "fold0_valid.csv")
+    folds = pd.read_csv(next((tmp_path / "folds").glob("*.csv")))
+    held_out = set(folds.loc[folds["fold"] == 0, "ID"])
+    assert set(valid["ID"]) <= held_out and len(valid) >= len(held_out) - 1  # the corrupt file may be in fold 0
+    assert (oof / "report" / "report.md").exists() and (oof / "report" / "thresholds.json").exists()
+    assert (oof / "bloodnet" / "study_volumes.csv").exists()
+    submission = pd.read_csv(tmp_path / "submissions" / f"{exp}_fold0.csv")
+    sample = pd.read_csv(tiny_set / "stage_2_sample_submission.csv")
+    assert list(submission["ID"]) == list(sample["ID"]) and submission["Label"].between(0, 1).all()
+    assert "== check the submission" in done.stdout
+    assert repo_outputs() == before  # every output went under ICH_OUT, none into the repository
+
+
+@pytest.mark.parametrize("args, message", [
+    (["x"], "fold must be an integer"),
+    (["0", "--bogus"], "unknown option '--bogus'"),
+    (["0", "--set", "nope=1"], "unknown config key 'nope'"),
+])
+def test_run_fold_bad_arguments_give_one_line(tiny_set, tmp_path, args, message):
+    done = run_fold(args, tiny_set, tmp_path)
+    assert done.returncode != 0
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0], done.stderr
+    assert "Traceback" not in done.stderr
