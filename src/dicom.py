@@ -188,7 +188,7 @@ def _check_codestream(ds: pydicom.Dataset, path: Path, syntax: pydicom.uid.UID) 
     if not str(syntax).startswith(_JPEG_FAMILY):
         return  # RLE and deflate decode strictly: a short segment or stream raises
     fragments = list(pydicom.encaps.generate_fragments(ds.PixelData))[1:]  # the first item is the offset table
-    tail = b"".join(fragments[-2:]).rstrip(b"\x00")  # items are padded to even length
+    tail = b"".join(fragments[-2:]).rstrip(b"\x00\xff")  # items are padded to even length (00, or FF fill)
     if not fragments or not tail.endswith(_END_MARKER):
         name = getattr(syntax, "name", str(syntax))
         raise DicomError(path, f"compressed transfer syntax {name} ({syntax}): image data incomplete, no end marker")
