@@ -38,9 +38,10 @@ from src import paths
 from src.atomic import write_json, write_text
 from src.constants import WINDOWS
 from src.data import cache
-from src.data.dicom import read_hu, resize, to_channels, window
+from src.data.dicom import read_hu
 from src.data.dicom_fast import read_channels
 from src.data.metadata import load_metadata
+from src.data.windows import resize, to_channels, window
 
 PX = 512
 GOAL_VS_NAIVE = 5.0

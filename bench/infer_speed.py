@@ -7,7 +7,7 @@ initialised timm networks (nothing is downloaded): speed and memory do not depen
 - naive: one slice per forward, NCHW, torch.no_grad (how a straightforward port runs; the paper's setting)
 - batched: the whole study in one forward, channels_last, torch.inference_mode (what src.triage.cli does)
 - batched-nchw: the same without channels_last (what that memory format is worth on this CPU)
-- study: DICOM files on disk -> src.triage.cli.load_study_files + predict_study (flags, overlays), against the pure
+- study: DICOM files on disk -> src.triage.inputs.load_study_files + predict_study (flags, overlays), against the pure
   batched forward on the same slices; the flip TTA is off in both so the two count the same forwards.
 """
 
@@ -124,7 +124,9 @@ def worker(name: str, mode: str, threads: int, n_slices: int, repeats: int) -> d
                 times.append(time.perf_counter() - t0)
         out["ms_per_slice"] = 1000 * min(times) / n_slices
     elif mode == "study":
-        from src.triage.cli import Ensemble, default_thresholds, load_study_files, predict_study
+        from src.triage.ensemble import Ensemble, default_thresholds
+        from src.triage.inputs import load_study_files
+        from src.triage.predict import predict_study
 
         model = model.to(memory_format=torch.channels_last)
         # One random-init "fold 0" model: nothing is read from the (not existing) checkpoint path.
@@ -194,7 +196,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
         lines.append(f"| {name} | {s['study_s']:.2f} | {s['read_decode_s']:.2f} | {s['forward_s']:.2f} "
                      f"| {s['study_over_forward']:.2f} | {speedup:.2f} |")
     lines += ["", f"Paper (ResNet50, 224 px, laptop CPU): {PAPER_MS_PER_SLICE:.0f} ms per slice, {PAPER_PEAK_GB} GB. "
-              "Whole study = src.triage.cli.load_study_files + predict_study (DICOM read, HU, windows, forward, flags, "
+              "Whole study = load_study_files + predict_study (DICOM read, HU, windows, forward, flags, "
               "overlay PNGs); pure forward = one model call on the already windowed batch. Flip TTA off in both."]
     return "\n".join(lines) + "\n"
 

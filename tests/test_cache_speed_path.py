@@ -11,8 +11,9 @@ from pydicom.dataset import Dataset
 from pydicom.uid import ImplicitVRLittleEndian
 
 from src.data import dicom, dicom_fast
-from src.data.dicom import DicomError, read_hu, to_channels
+from src.data.dicom import DicomError, read_hu
 from src.data.dicom_fast import read_channels
+from src.data.windows import to_channels
 
 # Stated tolerance: bit for bit when slope is 1, the intercept an integer and the shrink factor an integer (RSNA
 # 512 px to 256/128 px: every sum is exact) or when nothing is resized; otherwise within 1 grey level, because the
@@ -116,9 +117,9 @@ def test_slope_and_fractional_intercept(tmp_path, generic_calls, slope, intercep
 
 @pytest.mark.parametrize("signed, bits", [(True, 16), (False, 12), (False, 16)])
 def test_monochrome1(tmp_path, generic_calls, signed, bits):
+    """MONOCHROME1 is a display instruction: the rescale gives HU as for MONOCHROME2 (PS3.3 C.11.1.1.2)."""
     stored = _head((64, 64), np.random.default_rng(7), hi=2000) + 1024
-    inverted = (-1 - stored) if signed else ((1 << bits) - 1 - stored)
-    m1 = make_dicom(tmp_path / "ID_m1.dcm", inverted, bits_stored=bits, signed=signed, photometric="MONOCHROME1")
+    m1 = make_dicom(tmp_path / "ID_m1.dcm", stored, bits_stored=bits, signed=signed, photometric="MONOCHROME1")
     m2 = make_dicom(tmp_path / "ID_m2.dcm", stored, bits_stored=bits, signed=signed, photometric="MONOCHROME2")
     for size in (16, 64):
         np.testing.assert_array_equal(_compare(m1, size, exact=True), read_channels(m2, size))

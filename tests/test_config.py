@@ -9,9 +9,9 @@ import torch
 from src.cnn.losses import weighted_bce
 from src.config import load_config, run_record
 from src.constants import LABELS
+from src.errors import InputError
 from src.metric import weighted_log_loss
 from src.paths import ROOT
-from src.errors import InputError
 
 
 def test_defaults_and_overrides(tmp_path):

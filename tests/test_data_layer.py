@@ -13,9 +13,10 @@ from dicom_factory import make_dicom, tilted_orientation
 from src import paths
 from src.constants import LABELS
 from src.data import cache
-from src.data.dicom import read_hu, to_channels
+from src.data.dicom import read_hu
 from src.data.folds import load_folds, make_folds
 from src.data.metadata import build_metadata, load_metadata, order_series, read_labels
+from src.data.windows import to_channels
 from src.errors import InputError
 
 TILT = 20.0

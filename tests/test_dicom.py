@@ -7,7 +7,8 @@ import pytest
 from dicom_factory import make_dicom, set_transfer_syntax
 
 from src.constants import AIR_HU, WINDOWS
-from src.data.dicom import DicomError, mask_to_size, pad_to_square, read_header, read_hu, resize, to_channels, window
+from src.data.dicom import DicomError, read_header, read_hu
+from src.data.windows import mask_to_size, pad_to_square, resize, to_channels, window
 from src.errors import InputError
 
 
@@ -57,14 +58,14 @@ def test_12bit_fix_not_applied_to_a_correct_12bit_file(tmp_path):
 
 
 @pytest.mark.parametrize("bits_stored, signed", [(16, True), (12, False), (16, False)])
-def test_monochrome1_is_inverted_back(tmp_path, bits_stored, signed):
-    """A MONOCHROME1 file stores inverted grey levels; reading it gives the same HU as the MONOCHROME2 original."""
+def test_monochrome1_rescales_like_monochrome2(tmp_path, bits_stored, signed):
+    """Rescale Slope/Intercept give HU whatever the photometric interpretation (PS3.3 C.11.1.1.2); MONOCHROME1 is
+    a display instruction (low values white), so the same stored values give the same HU."""
     hu = np.array([[-1024, 40], [80, 1500]])
     stored = hu + 1024
-    inverted = (-1 - stored) if signed else ((1 << bits_stored) - 1 - stored)
     m2 = read_hu(make_dicom(tmp_path / "ID_m2.dcm", stored, bits_stored=bits_stored, signed=signed,
                             intercept=-1024.0, photometric="MONOCHROME2"))
-    m1 = read_hu(make_dicom(tmp_path / "ID_m1.dcm", inverted, bits_stored=bits_stored, signed=signed,
+    m1 = read_hu(make_dicom(tmp_path / "ID_m1.dcm", stored, bits_stored=bits_stored, signed=signed,
                             intercept=-1024.0, photometric="MONOCHROME1"))
     np.testing.assert_array_equal(m2, hu.astype(np.float32))
     np.testing.assert_array_equal(m1, m2)
@@ -131,7 +132,7 @@ def test_jpeg_baseline_decodes(tmp_path):
 @pytest.mark.parametrize("uid", ["1.2.840.10008.1.2.4.70", "1.2.840.10008.1.2.4.90"])
 def test_undecodable_compressed_file_names_the_syntax(tmp_path, uid):
     path = make_dicom(tmp_path / "ID_jbad.dcm", np.zeros((8, 8)))
-    set_transfer_syntax(path, uid, b"\xff\xd8 not a codestream")
+    set_transfer_syntax(path, uid, b"\xff\xd8 not a codestream \xff\xd9")  # complete, but garbage inside
     with pytest.raises(DicomError, match=rf"ID_jbad.dcm: compressed transfer syntax .*\({uid}\) cannot be decoded"):
         read_hu(path)
 

@@ -16,7 +16,8 @@ from src.cnn.checkpoints import save_checkpoint
 from src.cnn.model import build_model
 from src.config import load_config
 from src.constants import LABELS
-from src.data.dicom import read_hu, to_channels
+from src.data.dicom import read_hu
+from src.data.windows import to_channels
 from src.stack.bundle import save_stackers, stack_model_dir
 from src.stack.cv import CVResult
 from src.stack.features import assemble_series, neighbour_features, sequence_inputs

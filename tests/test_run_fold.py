@@ -1,4 +1,4 @@
-"""End to end: `bash run_fold.sh 0` on a tiny generated set, from DICOM to a checked submission, outputs under ICH_OUT."""
+"""End to end: `bash run_fold.sh 0` on a tiny generated set, DICOM to a checked submission, outputs under ICH_OUT."""
 
 import os
 import subprocess

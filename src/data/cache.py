@@ -18,9 +18,10 @@ from tqdm import tqdm
 from src import paths
 from src.atomic import write_csv, write_json
 from src.constants import ID_COL, WINDOWS
-from src.data.dicom import DicomError, mask_to_size
+from src.data.dicom import DicomError
 from src.data.dicom_fast import read_channels
 from src.data.metadata import load_metadata
+from src.data.windows import mask_to_size
 from src.errors import InputError, run_cli
 
 CHUNK_ROWS = 256  # progress is recorded per chunk: a kill loses at most one chunk per worker

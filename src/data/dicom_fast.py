@@ -12,7 +12,8 @@ import numpy as np
 from pydicom.uid import ExplicitVRLittleEndian
 
 from src.constants import AIR_HU, WINDOWS
-from src.data.dicom import _needs_12bit_fix, _stored_to_hu, _windows_u8, read_hu, resize, to_channels
+from src.data.dicom import RescaleKey, _as_stored, _needs_12bit_fix, _stored_to_hu, per_file, read_hu
+from src.data.windows import _windows_u8, resize, to_channels
 
 _LONG_VRS = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV"})
 _SHORT_VRS = frozenset({b"AE", b"AS", b"AT", b"CS", b"DA", b"DS", b"DT", b"FD", b"FL", b"IS", b"LO", b"LT", b"PN",
@@ -22,8 +23,10 @@ _LONG = struct.Struct("<HH2s2xI")  # ... VRs with a 4-byte length after 2 reserv
 _US_TAGS = {0x00280010: "rows", 0x00280011: "cols", 0x00280100: "allocated", 0x00280101: "bits",
             0x00280103: "rep", 0x00280002: "samples"}  # fmt: skip
 _TEXT_TAGS = {0x00280008: "frames", 0x00280004: "photometric", 0x00281053: "slope", 0x00281052: "intercept",
-              0x00020010: "syntax"}  # fmt: skip
+              0x00020010: "syntax", 0x00080060: "modality"}  # fmt: skip
+_PADDING_TAGS = {0x00280120: "pad", 0x00280121: "pad_limit"}  # US or SS
 _PIXEL_DATA = 0x7FE00010
+_MODALITY_LUT_SEQUENCE = 0x00283000  # a lookup table instead of slope/intercept: pydicom applies it
 
 
 def _scan_explicit_le(buf: bytes) -> dict[str, Any] | None:
@@ -51,7 +54,9 @@ def _scan_explicit_le(buf: bytes) -> dict[str, Any] | None:
             return None
         if tag == _PIXEL_DATA:
             return {**fields, "pixel_offset": pos, "pixel_length": length}
-        name = _US_TAGS.get(tag) or _TEXT_TAGS.get(tag)
+        if tag == _MODALITY_LUT_SEQUENCE:
+            return None
+        name = _US_TAGS.get(tag) or _TEXT_TAGS.get(tag) or _PADDING_TAGS.get(tag)
         if name is not None:
             if name in fields:
                 return None
@@ -60,22 +65,27 @@ def _scan_explicit_le(buf: bytes) -> dict[str, Any] | None:
                 if vr != b"US" or length != 2:
                     return None
                 fields[name] = int.from_bytes(value, "little")
+            elif tag in _PADDING_TAGS:
+                if vr not in (b"US", b"SS") or length != 2:
+                    return None
+                fields[name] = int.from_bytes(value, "little", signed=vr == b"SS")
             else:
                 fields[name] = value.decode("ascii").split("\\")[0].strip(" \x00")
         pos += length
     return None
 
 
-def _native_image(path: Path) -> tuple[np.ndarray, tuple[float, float, int, bool, bool]] | None:
-    """(uint16 code words [rows, cols], _rescale_key) of a plain single-frame 16-bit grey image, parsed without
-    pydicom (whose per-element Dataset machinery costs half of the fast path); None for anything else."""
+def _native_image(path: Path) -> tuple[np.ndarray, RescaleKey] | None:
+    """(uint16 code words [rows, cols], the slow path's rescale key) of a plain single-frame 16-bit grey image, parsed
+    without pydicom (whose per-element Dataset machinery costs half of the fast path); None for anything else."""
     try:
         buf = path.read_bytes()
         f = _scan_explicit_le(buf)
         if f is None or any(k not in f for k in _US_TAGS.values()):
             return None
-        slope = float(f["slope"]) if f.get("slope") else 1.0
-        intercept = float(f["intercept"]) if f.get("intercept") else 0.0
+        both = bool(f.get("slope")) and bool(f.get("intercept"))  # pydicom rescales only when both are present
+        slope = float(f["slope"]) if both else 1.0
+        intercept = float(f["intercept"]) if both else 0.0
         frames = int(f["frames"]) if f.get("frames") else 1
     except (OSError, ValueError, UnicodeDecodeError):
         return None
@@ -90,30 +100,39 @@ def _native_image(path: Path) -> tuple[np.ndarray, tuple[float, float, int, bool
         or frames not in (0, 1)
         or f.get("photometric") not in ("MONOCHROME1", "MONOCHROME2")
         or f["pixel_length"] != rows * cols * 2  # short, padded or multi-frame: the generic path explains or reads it
+        or ("pad_limit" in f and "pad" not in f)
     ):
         return None
+    signed = f["rep"] == 1
+    fix = _needs_12bit_fix(intercept, bits, signed, f.get("modality", "").upper())
+    low = high = None
+    if "pad" in f:
+        low = _as_stored(f["pad"], bits, signed)
+        high = _as_stored(f.get("pad_limit", f["pad"]), bits, signed)
+        low, high = min(low, high), max(low, high)
     codes = np.frombuffer(buf, dtype="<u2", count=rows * cols, offset=f["pixel_offset"]).reshape(rows, cols)
-    return codes, (slope, intercept, bits, f["rep"] == 1, f["photometric"] == "MONOCHROME1")
+    return codes, (slope, intercept, bits, signed, fix, low, high)
 
 
 @functools.lru_cache(maxsize=64)
-def _hu_lut(slope: float, intercept: float, bits: int, signed: bool, mono1: bool) -> np.ndarray:
+def _hu_lut(*key: Any) -> np.ndarray:
     """float32 HU of each of the 65536 code words, exactly as read_hu computes it per pixel."""
+    bits, signed = key[2], key[3]
     codes = np.arange(1 << 16, dtype=np.uint16)
     shift = 16 - bits
     # pydicom 3 ignores the bits above BitsStored: shift left then back (arithmetic for signed: sign extension).
     shifted = np.left_shift(codes, shift)
     stored = (shifted.view(np.int16) if signed else shifted) >> shift
-    lut = _stored_to_hu(stored.astype(np.int32), slope, intercept, bits, signed, mono1)
+    lut = _stored_to_hu(stored.astype(np.int32), *key)
     lut.flags.writeable = False
     return lut
 
 
 @functools.lru_cache(maxsize=64)
-def _channel_lut(slope: float, intercept: float, bits: int, signed: bool, mono1: bool) -> np.ndarray:
+def _channel_lut(*key: Any) -> np.ndarray:
     """uint8 [3, 65536]: the windowed channels of each code word (exact where no resize mixes pixels)."""
     lut = np.empty((len(WINDOWS), 1 << 16), dtype=np.uint8)
-    _windows_u8(_hu_lut(slope, intercept, bits, signed, mono1), lut)
+    _windows_u8(_hu_lut(*key), lut)
     lut.flags.writeable = False
     return lut
 
@@ -124,6 +143,7 @@ def _air_channels() -> np.ndarray:
     return air[:, 0]
 
 
+@per_file
 def read_channels(path: str | os.PathLike, size: int, out: np.ndarray | None = None) -> np.ndarray:
     """to_channels(read_hu(path), size) at about decode-only speed (written into `out` if given, e.g. a cache row):
     one file read, stored values straight from the raw PixelData bytes. Equal to it within 1 grey level, and bit for
@@ -136,9 +156,9 @@ def read_channels(path: str | os.PathLike, size: int, out: np.ndarray | None = N
     codes, key = native
     rows, cols = codes.shape
     side = max(rows, cols)
-    slope, intercept, bits, signed, mono1 = key
-    if side != size and (rows != cols or _needs_12bit_fix(intercept, bits, signed) or (signed and bits < 16)):
-        # Rare (padding, wrapped 12-bit values, signed narrow pixels): exact HU via the LUT, at full size.
+    slope, intercept, bits, signed, fix, pad_low, _ = key
+    if side != size and (rows != cols or fix or pad_low is not None or (signed and bits < 16)):
+        # Rare (non-square, wrapped 12-bit values, padding values, signed narrow pixels): exact HU via the LUT.
         return _into(to_channels(np.take(_hu_lut(*key), codes, mode="clip"), size), out)
     if out is None:
         out = np.empty((len(WINDOWS), size, size), dtype=np.uint8)
@@ -150,8 +170,6 @@ def read_channels(path: str | os.PathLike, size: int, out: np.ndarray | None = N
         if not signed and bits < 16:
             stored = codes & np.uint16((1 << bits) - 1)  # pydicom 3 zeroes the unused high bits
         hu = resize(stored.astype(np.float32), size)
-        if mono1:
-            np.subtract(np.float32(-1.0 if signed else (1 << bits) - 1), hu, out=hu)
         if slope != 1.0:  # x * 1 is x exactly: skipping it changes nothing
             np.multiply(hu, np.float32(slope), out=hu)
         np.add(hu, np.float32(intercept), out=hu)

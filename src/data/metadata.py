@@ -17,6 +17,7 @@ from src import paths
 from src.atomic import write_csv, write_json
 from src.constants import ID_COL, LABELS, SERIES_KEYS
 from src.data.dicom import DicomError, read_header
+from src.data.geometry import NORMAL_COLUMNS, slice_geometry, split_orientations
 from src.errors import InputError, run_cli
 
 META_COLUMNS = [
@@ -42,19 +43,16 @@ def list_images(data_dir: Path, split: str) -> list[Path]:
 def _header_row(path: Path) -> tuple[str, dict | None, str]:
     try:
         h = read_header(path)
+        geometry = slice_geometry(h, path)  # the one geometry function, shared with triage (src.triage.inputs)
     except DicomError as err:
         return path.stem, None, err.reason
-    iop = np.asarray(h["ImageOrientationPatient"], dtype=np.float64)
-    normal = np.cross(iop[:3], iop[3:])
-    # Projection on the slice normal orders slices correctly under gantry tilt, unlike z or InstanceNumber.
-    position = float(np.dot(np.asarray(h["ImagePositionPatient"], dtype=np.float64), normal))
     row = {
         # Kaggle names each file after its image ID; labels, masks and the submission use that name.
         "ID": path.stem,
         "PatientID": h["PatientID"],
         "StudyInstanceUID": h["StudyInstanceUID"],
         "SeriesInstanceUID": h["SeriesInstanceUID"],
-        "position": position,
+        **geometry,
         "pixel_spacing_row": h["PixelSpacing"][0],
         "pixel_spacing_col": h["PixelSpacing"][1],
         "rows": h["Rows"],
@@ -168,12 +166,16 @@ def build_metadata(data_dir: str | os.PathLike, split: str, workers: int = 2) ->
         raise InputError(f"{paths.image_dir(data_dir, split)}: no .dcm files")
     labels = read_labels(data_dir / paths.TRAIN_CSV) if split == "train" else None
     rows, bad = _read_headers(files, workers, split)
+    meta = pd.DataFrame(rows)
+    if rows:
+        meta, mixed = split_orientations(meta, SERIES_KEYS)
+        bad += [(i, Path(p), r) for i, p, r in mixed[["ID", "path", "reason"]].itertuples(index=False)]
+        meta = meta.drop(columns=list(NORMAL_COLUMNS))
     bad_df = pd.DataFrame([(i, os.path.relpath(p, data_dir), r) for i, p, r in bad], columns=BAD_HEADER_COLUMNS)
     write_csv(bad_df, paths.metadata_csv(data_dir, split).with_name(f"bad_headers_{split}.csv"))
     _report(f"{split} files with unreadable headers (see bad_headers_{split}.csv)", list(bad_df["ID"]))
-    if not rows:
+    if meta.empty:
         raise InputError(f"{paths.image_dir(data_dir, split)}: no readable DICOM headers")
-    meta = pd.DataFrame(rows)
     mismatch = meta["sop_id"] != meta[ID_COL]
     if mismatch.any():
         print(f"{int(mismatch.sum())} files whose SOPInstanceUID differs from the file name; the file name is the ID")

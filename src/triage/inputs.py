@@ -12,9 +12,10 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from src.constants import ID_COL, SERIES, STUDY
+from src.constants import ID_COL, SERIES, SERIES_KEYS, STUDY
 from src.data.dicom import DicomError, read_header
 from src.data.dicom_fast import read_channels
+from src.data.geometry import NORMAL_COLUMNS, slice_geometry, split_orientations
 from src.data.metadata import order_series
 from src.triage.outputs import SLICE_COLUMNS
 
@@ -59,19 +60,21 @@ def _unzip(archive: Path, dest: Path, skipped: list[tuple[str, str]]) -> list[tu
 
 def _read_slice(path: Path, name: str, image_size: int) -> tuple[dict, np.ndarray]:
     h = read_header(path)
-    iop = np.asarray(h["ImageOrientationPatient"], dtype=np.float64)
-    normal = np.cross(iop[:3], iop[3:])
-    if not np.isfinite(normal).all() or np.linalg.norm(normal) < 1e-6:
-        raise DicomError(name, f"ImageOrientationPatient {tuple(iop)} does not define a slice plane")
+    geometry = slice_geometry(h, name)  # the one geometry function, shared with src.data.metadata
     # One fast pass to the three windows (src.data.dicom_fast falls back to read_hu for anything unusual).
     channels = read_channels(path, image_size)
-    ipp = np.asarray(h["ImagePositionPatient"], dtype=np.float64)
     row = {
-        "sop": h["ID"], "PatientID": h["PatientID"], STUDY: h[STUDY], SERIES: h[SERIES],
-        # On the slice normal: correct order under gantry tilt, unlike z or InstanceNumber.
-        "position": float(np.dot(ipp, normal / np.linalg.norm(normal))),
-        "pixel_spacing_row": h["PixelSpacing"][0], "pixel_spacing_col": h["PixelSpacing"][1],
-        "rows": h["Rows"], "cols": h["Columns"], "path": name, "stem": Path(name.split("!")[-1]).stem,
+        "sop": h["ID"],
+        "PatientID": h["PatientID"],
+        STUDY: h[STUDY],
+        SERIES: h[SERIES],
+        **geometry,
+        "pixel_spacing_row": h["PixelSpacing"][0],
+        "pixel_spacing_col": h["PixelSpacing"][1],
+        "rows": h["Rows"],
+        "cols": h["Columns"],
+        "path": name,
+        "stem": Path(name.split("!")[-1]).stem,
     }
     return row, channels
 
@@ -92,11 +95,8 @@ def load_study_files(
         for path, name in tqdm(files, desc="read DICOM", disable=not progress, leave=False):
             try:
                 row, img = _read_slice(path, name, image_size)
-            except DicomError as err:
+            except DicomError as err:  # the readers raise nothing else per file (src.data.dicom.per_file)
                 skipped.append((name, err.reason))
-                continue
-            except Exception as err:  # a user's file must never stop the study: report it like a bad file
-                skipped.append((name, f"cannot be used: {type(err).__name__}: {err}"))
                 continue
             if row["sop"] in seen:
                 skipped.append((name, f"duplicate SOPInstanceUID {row['sop']} (same image as {seen[row['sop']]})"))
@@ -104,12 +104,16 @@ def load_study_files(
             seen[row["sop"]] = name
             rows.append(row)
             images.append(img)
+    if rows:
+        slices = pd.DataFrame(rows)
+        slices["order"] = np.arange(len(slices))  # row of `images`, kept through the filtering and sorting below
+        slices, mixed = split_orientations(slices, SERIES_KEYS)
+        skipped += list(mixed[["path", "reason"]].itertuples(index=False, name=None))
     skipped_df = pd.DataFrame(skipped, columns=SKIPPED_COLUMNS)
     if not rows:
         return pd.DataFrame(columns=SLICE_COLUMNS), np.zeros((0, 3, image_size, image_size), np.uint8), skipped_df
-    slices = pd.DataFrame(rows)
+    slices = slices.drop(columns=list(NORMAL_COLUMNS))
     # Kaggle names files after the image id; elsewhere names repeat across folders, so fall back to the SOP UID.
     slices[ID_COL] = slices["stem"].where(~slices["stem"].duplicated(keep=False), slices["sop"])
-    slices["order"] = np.arange(len(slices))
     slices = order_series(slices.drop(columns=["stem"]))
     return slices.drop(columns=["order", "sop"]), np.stack(images)[slices["order"].to_numpy()], skipped_df
