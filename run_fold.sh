@@ -49,11 +49,11 @@ if [ "$("$PY" -m src.config "${config_args[@]}" --get arch)" != "classifier" ] &
   stage "overlays of predicted blood" -m src.cnn.overlays --exp "$exp" --fold "$fold" "${data_args[@]}"
 fi
 if compgen -G "oof/$exp/fold[0-9]*_valid.csv" > /dev/null; then
-  stage "sequence stackers on the available OOF" -m src.stack --exp "$exp" "${data_args[@]}"
+  stage "sequence stackers on the available OOF" -m src.stack --exp "$exp" "${config_args[@]}" "${data_args[@]}"
 fi
 for pred in "oof/$exp" "oof/${exp}_stack_lgbm" "oof/${exp}_stack_gru" "oof/${exp}_stack_blend"; do
   if compgen -G "$pred/*_valid.csv" > /dev/null; then
-    stage "report: $pred" -m src.evaluate.report --pred "$pred" "${data_args[@]}" --triage
+    stage "report: $pred" -m src.evaluate.report --pred "$pred" "${config_args[@]}" "${data_args[@]}" --triage
   fi
 done
 # Submit from whichever predictions score best on the same OOF rows: a stacker fit on one fold's OOF can be worse
