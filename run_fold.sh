@@ -77,6 +77,8 @@ stage "submission from $best_pred" -m src.evaluate.submit --pred "$best_pred" --
 data_dir="$("$PY" -c 'import sys; from src.paths import resolve_data_dir; print(resolve_data_dir(sys.argv[1] or None))' "${data_args[1]:-}")"
 stage "check the submission" -m src.evaluate.submit --check "submissions/${exp}_fold${fold}.csv" \
   --sample "$data_dir/stage_2_sample_submission.csv"
-stage "leaderboard of every experiment in oof/" -m src.evaluate.experiments
+if compgen -G "oof/*/fold[0-9]*_metrics.json" > /dev/null; then
+  stage "leaderboard of every experiment in oof/" -m src.evaluate.experiments
+fi
 echo
 echo "done: predictions in oof/$exp/, reports in oof/*/report/, submission in submissions/${exp}_fold${fold}.csv"
