@@ -40,3 +40,36 @@ def test_a_section_key_without_a_flag_is_refused():
     parser.add_argument("--n-boot", type=int)
     with pytest.raises(RuntimeError, match="precisions"):
         parse_with_section(parser, [], "report")
+
+
+def test_keys_of_a_sibling_command_need_no_flag():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--n-boot", type=int)
+    args, cfg = parse_with_section(parser, ["--set", "report.run=5"], "report", not_here=("precisions", "seed", "run"))
+    assert args.n_boot == 1000 and cfg.report.run == 5 and not hasattr(args, "run")
+
+
+def test_the_web_page_takes_its_port_from_the_triage_section(monkeypatch, capsys):
+    import uvicorn
+
+    from src.triage import serve
+
+    class FakeEnsemble:
+        thresholds_source = "p >= 0.5"
+
+        def describe(self):
+            return "fake"
+
+        def source(self):
+            return "fake"
+
+    ports = []
+    monkeypatch.setattr(serve, "load_ensemble", lambda exp, precision, stacker: FakeEnsemble())
+    monkeypatch.setattr(serve, "create_app", lambda *a: None)
+    monkeypatch.setattr(uvicorn, "run", lambda app, host, port, log_level: ports.append((host, port)))
+    assert serve.main(["--set", "triage.port=9001"]) == 0
+    assert serve.main(["--set", "triage.port=9001", "--port", "9002"]) == 0
+    assert ports == [("127.0.0.1", 9001), ("127.0.0.1", 9002)]
+    assert '"port": 9002' in capsys.readouterr().out  # the settings it runs with are printed
+    with pytest.raises(InputError, match=r"triage\.stacker"):
+        serve.main(["--set", "triage.stacker=best"])

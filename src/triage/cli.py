@@ -48,9 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stacker", choices=[*KINDS, "none"],
                         help=f"saved level-2 stacker applied after the CNN folds (default: {DEFAULT_STACKER} when "
                         "python -m src.stack saved one, else the CNN fold mean)")
-    parser.add_argument("--port", type=int, help=argparse.SUPPRESS)  # the web page's (python -m src.triage.serve)
-    parser.add_argument("--max-upload-mb", type=float, help=argparse.SUPPRESS)
-    args, cfg = parse_with_section(parser, argv, "triage")
+    args, cfg = parse_with_section(parser, argv, "triage", not_here=("port", "max_upload_mb"))
     if args.batch_size < 1:
         raise InputError("--batch-size must be >= 1")
     check_stacker(args.stacker)

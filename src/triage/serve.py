@@ -159,9 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-upload-mb", type=float, help="refuse larger uploads")
     parser.add_argument("--stacker", choices=[*KINDS, "none"],
                         help=f"saved level-2 stacker after the CNN folds (default: {DEFAULT_STACKER} when saved)")
-    parser.add_argument("--batch-size", type=int, help=argparse.SUPPRESS)  # the command line's (python -m src.triage)
-    parser.add_argument("--no-tta", action="store_true", help=argparse.SUPPRESS)
-    args, cfg = parse_with_section(parser, argv, "triage")
+    # The page predicts with predict_study's own batch size and the validation's TTA: those keys are the CLI's.
+    args, cfg = parse_with_section(parser, argv, "triage", not_here=("batch_size", "no_tta"))
     check_stacker(args.stacker)
     if not 0 < args.port < 65536:
         raise InputError(f"--port {args.port}: not a TCP port")
