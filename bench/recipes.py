@@ -7,8 +7,9 @@ with `run_fold` (the same code as `python -m src.cnn.train --fold 0`) under its 
 predictions land in oof/<exp>/ beside every other run and on `python -m src.evaluate.experiments`. Scores: fold-0
 weighted log loss and slice AUC(any) from fold0_metrics.json, study AUC(any) from the max `any` over each study's
 slices. Time: the training step's wall clock (train, validate, predict; the cache for a new image size is built
-first and timed apart). Results are kept per experiment in work/bench/recipes/, so a killed run resumes with the
-next recipe. A recipe whose key this checkout lacks (e.g. `ema` before EMA lands) is listed as skipped.
+first and timed apart); for a fold trained before, outside the bench, the sum of its logged epoch times. Results
+are kept per experiment in work/bench/recipes/, so a killed run resumes with the next recipe. A recipe whose key
+this checkout lacks (e.g. `ema` before EMA lands) is listed as skipped.
 `--quick` shrinks every recipe (64 px, two batches, one epoch): a check of the machinery, not a result.
 Writes work/bench/recipes.{json,md}.
 """
@@ -34,6 +35,7 @@ from src.atomic import write_json, write_text
 from src.config import load_config
 from src.constants import ID_COL, STUDY
 from src.errors import InputError
+from src.evaluate.experiments import train_minutes
 from src.markdown import markdown_table
 from src.paths import OOF_DIR, WORK, resolve_data_dir
 
@@ -89,20 +91,23 @@ def run_recipe(recipe: Recipe, data_dir: Path, extra: tuple[str, ...], results_d
     cfg.data_dir = str(data_dir)
     row["exp"] = cfg.exp_name
     saved = results_dir / f"{cfg.exp_name}.json"
-    metrics_file = OOF_DIR / cfg.exp_name / "fold0_metrics.json"
-    if saved.exists() and metrics_file.exists():
+    out_dir = OOF_DIR / cfg.exp_name
+    if saved.exists() and (out_dir / "fold0_metrics.json").exists():
         return {**json.loads(saved.read_text()), **row}
-    started = time.perf_counter()
-    for split in ("train", "test"):
-        load_cache(data_dir, cfg.image_size, split)
-    cache_s = time.perf_counter() - started
-    started = time.perf_counter()
-    out_dir = run_fold(cfg, 0, data_dir)
-    train_s = time.perf_counter() - started
+    if (out_dir / "fold0_metrics.json").exists():
+        # Trained before, outside this bench (e.g. by run_fold.sh): its own epoch times, not a near-zero rerun.
+        row.update(status="ran before", train_min=train_minutes(out_dir, [0]))
+    else:
+        started = time.perf_counter()
+        for split in ("train", "test"):
+            load_cache(data_dir, cfg.image_size, split)
+        cache_s = time.perf_counter() - started
+        started = time.perf_counter()
+        run_fold(cfg, 0, data_dir)
+        row.update(status="ran", train_min=(time.perf_counter() - started) / 60, cache_min=cache_s / 60)
     metrics = json.loads((out_dir / "fold0_metrics.json").read_text())
     valid = pd.read_csv(out_dir / "fold0_valid.csv", dtype={ID_COL: str})
-    row.update(status="ran", train_min=train_s / 60, cache_min=cache_s / 60,
-               fold0_wll=metrics["weighted_log_loss"], auc_any=metrics["auc"]["any"],
+    row.update(fold0_wll=metrics["weighted_log_loss"], auc_any=metrics["auc"]["any"],
                study_auc_any=study_auc_any(valid, load_metadata(data_dir, "train")))
     write_json(row, saved)
     return row
@@ -116,7 +121,7 @@ def machine() -> str:
 
 def table(rows: list[dict], budget_min: float) -> pd.DataFrame:
     frame = pd.DataFrame(rows).reindex(columns=[*COLUMNS[:4], "settings", *COLUMNS[4:]])
-    frame["within_budget"] = [bool(minutes <= budget_min) if status == "ran" else None
+    frame["within_budget"] = [bool(minutes <= budget_min) if status.startswith("ran") and minutes == minutes else None
                               for status, minutes in zip(frame["status"], frame["train_min"])]
     return frame
 

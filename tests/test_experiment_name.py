@@ -111,3 +111,9 @@ def test_resume_ignores_later_stage_sections_and_rebuilds_them(tmp_path):
 def test_flatten_spells_sections_with_dots():
     flat = flatten({"aug": {"hflip": 0.5}, "class_weights": (1.0, 2.0)})
     assert flat == {"aug.hflip": 0.5, "class_weights": [1.0, 2.0]}
+
+
+def test_the_keys_left_out_of_the_hash_exist():
+    # A misspelt or renamed entry would silently put a runtime key back into every name (or leave one out).
+    fields = {f.name for f in dataclasses.fields(Config)}
+    assert not NON_TRAINING_KEYS - fields and not set(NAME_KEYS) - fields

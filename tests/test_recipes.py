@@ -29,6 +29,13 @@ def test_quick_run_trains_scores_and_resumes(tiny_data, tmp_path, monkeypatch):
     # A second call (a killed bench started again) reuses the saved result instead of training again.
     monkeypatch.setattr("src.cnn.train.run_fold", lambda *a, **k: pytest.fail("trained again"))
     assert recipes.main(["--quick", "--data", str(tiny_data), "--only", "context1", "--out", str(out)]) == 0
+    # A fold trained outside the bench (run_fold.sh) is scored with its own epoch times, not a near-zero "rerun".
+    (out / "recipes-quick" / f"{row['exp']}.json").unlink()
+    assert recipes.main(["--quick", "--data", str(tiny_data), "--only", "context1", "--out", str(out)]) == 0
+    (again,) = json.loads((out / "recipes-quick.json").read_text())["rows"]
+    epochs = pd.read_csv(recipes.OOF_DIR / row["exp"] / "fold0_epochs.csv")
+    assert again["status"] == "ran before" and again["train_min"] == pytest.approx(epochs["epoch_time_s"].sum() / 60)
+    assert again["fold0_wll"] == row["fold0_wll"]
 
 
 def test_a_recipe_whose_key_is_missing_is_skipped_not_fatal(tmp_path):

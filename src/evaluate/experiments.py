@@ -45,7 +45,8 @@ def _score(metrics: dict, path: Path) -> tuple[float, float, int]:
         raise InputError(f"{path}: no weighted_log_loss / auc.any / n_images ({err})") from err
 
 
-def _train_minutes(pred_dir: Path, folds: list[int]) -> float:
+def train_minutes(pred_dir: Path, folds: list[int]) -> float:
+    """Minutes of training and validation of these folds (sum of fold{K}_epochs.csv's epoch_time_s); NaN if unknown."""
     total = 0.0
     for k in folds:
         path = pred_dir / f"fold{k}_epochs.csv"
@@ -85,7 +86,7 @@ def experiment_row(pred_dir: Path) -> dict | None:
         if stacked and sorted(stacked.get("folds_available", [])) != folds:
             row["note"] = f"stackers fit on folds {' '.join(map(str, stacked.get('folds_available', [])))}"
     row.setdefault("blend_auc_any", float("nan"))
-    row["train_min"] = _train_minutes(pred_dir, folds)
+    row["train_min"] = train_minutes(pred_dir, folds)
     row.update({key: config.get(key, "") for key in NAME_KEYS})
     row["other_settings"] = describe(training_overrides(config)) if config else "(no run record)"
     row.setdefault("note", "")
