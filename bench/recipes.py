@@ -131,7 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     names = ", ".join(r.name for r in RECIPES)
     parser.add_argument("--only", nargs="+", metavar="NAME", help=f"recipes to run ({names}; default: all)")
     parser.add_argument("--budget-min", type=float, default=12.0,
-                        help="minutes the training step may take: run_fold.sh 0's 15 min less its other stages")
+                        help="minutes the training step may take: run_fold.sh 0's 15 min less an assumed 3 min "
+                        "for its other stages")
     parser.add_argument("--data", help="data directory (default: the embedded synthetic set)")
     parser.add_argument("--quick", action="store_true", help="tiny runs: checks the machinery, measures nothing")
     parser.add_argument("--out", type=Path, default=WORK / "bench", help="where recipes.{json,md} go")
