@@ -54,13 +54,13 @@ if compgen -G "$out/oof/$exp/fold[0-9]*_valid.csv" > /dev/null; then
   # Stacking is optional: when it cannot run (status 2, e.g. too few patients in one fold's OOF) the run goes on
   # with the CNN's predictions and says so; any other failure still stops the run.
   status=0
-  stage "sequence stackers on the available OOF" -m src.stack --exp "$exp" "${data_args[@]}" || status=$?
+  stage "sequence stackers on the available OOF" -m src.stack --exp "$exp" "${config_args[@]}" "${data_args[@]}" || status=$?
   [ "$status" -eq 0 ] || [ "$status" -eq 2 ] || exit "$status"
   [ "$status" -eq 0 ] || echo "[stack] skipped: the message above says why; reports and submission use the CNN"
 fi
 for pred in "$out/oof/$exp" "$out/oof/${exp}_stack_lgbm" "$out/oof/${exp}_stack_gru" "$out/oof/${exp}_stack_blend"; do
   if compgen -G "$pred/*_valid.csv" > /dev/null; then
-    stage "report: $pred" -m src.evaluate.report --pred "$pred" "${data_args[@]}" --triage
+    stage "report: $pred" -m src.evaluate.report --pred "$pred" "${config_args[@]}" "${data_args[@]}" --triage
   fi
 done
 # Submit from whichever predictions score best on the same OOF rows: a stacker fit on one fold's OOF can be worse
@@ -84,5 +84,8 @@ stage "submission from $best_pred" -m src.evaluate.submit --pred "$best_pred" --
 data_dir="$("$PY" -c 'import sys; from src.paths import resolve_data_dir; print(resolve_data_dir(sys.argv[1] or None))' "${data_args[1]:-}")"
 stage "check the submission" -m src.evaluate.submit --check "$out/submissions/${exp}_fold${fold}.csv" \
   --sample "$data_dir/stage_2_sample_submission.csv"
+if compgen -G "$out/oof/*/fold[0-9]*_metrics.json" > /dev/null; then
+  stage "leaderboard of every experiment in oof/" -m src.evaluate.experiments
+fi
 echo
 echo "done: predictions in $out/oof/$exp/, reports in $out/oof/*/report/, submission in $out/submissions/${exp}_fold${fold}.csv"

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import importlib.metadata
+import json
 import platform
 import subprocess
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -14,7 +17,8 @@ import yaml
 
 from src.constants import LABEL_WEIGHTS
 from src.errors import InputError
-from src.paths import ROOT
+from src.naming import changed_keys, derived_name
+from src.paths import OOF_DIR, ROOT
 
 
 @dataclass
@@ -26,8 +30,51 @@ class AugConfig:
 
 
 @dataclass
+class StackConfig:
+    """`python -m src.stack`: the level-2 stackers (flags of the same names override)."""
+
+    k: int = 5  # neighbours on each side for the LightGBM features
+    seed: int = 0
+    skip_gru: bool = False  # LightGBM only (no GRU, no blend)
+    n_inner: int = 5  # inner patient-grouped CV folds when some CNN folds are missing
+    device: str = "cpu"  # GRU device: cpu, cuda or auto
+    threads: int = 2  # CPU threads for LightGBM and torch
+
+
+@dataclass
+class ReportConfig:
+    """`python -m src.evaluate.report`: thresholds, bootstrap and study rule."""
+
+    precisions: tuple[float, ...] = (0.7, 0.8, 0.9)  # target precisions of the threshold tables
+    n_boot: int = 1000  # bootstrap resamples of studies for AUC CIs
+    seed: int = 0
+    run: int = 3  # RADnet: a study is positive when >= run consecutive slices pass the threshold
+
+
+@dataclass
+class TriageConfig:
+    """`python -m src.triage` and `python -m src.triage.serve`."""
+
+    threshold_precision: float = 0.8  # flag at the thresholds saved for this precision
+    batch_size: int = 32  # slices per forward pass
+    no_tta: bool = False  # skip the flip view even if validation used it
+    stacker: str = ""  # lgbm | gru | blend | none; empty = blend when python -m src.stack saved one
+    port: int = 8000  # the web page (loopback only)
+    max_upload_mb: float = 1024.0  # a 512 px head CT is ~0.5 MB a slice; 1 GB is a few thin-slice series
+
+
+# Sections read after training (stackers, reports, triage): they never change what a fold trains.
+AFTER_TRAINING_SECTIONS: tuple[str, ...] = ("stack", "report", "triage")
+# Keys that do not change what is trained or predicted, so they stay out of the experiment name's hash. Every other
+# Config field, including ones added later, is hashed when it differs from its default: add runtime-only keys here.
+NON_TRAINING_KEYS: frozenset[str] = frozenset({"exp", "data_dir", "num_workers", *AFTER_TRAINING_SECTIONS})
+# The readable part of a derived experiment name; they are spelled out there, so the hash leaves them out.
+NAME_KEYS: tuple[str, ...] = ("arch", "backbone", "image_size", "context")
+
+
+@dataclass
 class Config:
-    exp: str = ""  # experiment name; empty = derived from arch, backbone, size and context
+    exp: str = ""  # experiment name; empty = derived (see exp_name)
     data_dir: str = ""  # empty = --data / $ICH_DATA / input/ / input/synthetic/ (see src/paths.py)
     image_size: int = 128
     n_folds: int = 5
@@ -62,17 +109,34 @@ class Config:
     amp: bool = True  # only ever used on CUDA
     limit_train_batches: int = 0  # >0: cut each epoch short (tests and smoke runs)
     aug: AugConfig = field(default_factory=AugConfig)
+    stack: StackConfig = field(default_factory=StackConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
+    triage: TriageConfig = field(default_factory=TriageConfig)
 
     @property
     def in_chans(self) -> int:
         return 3 * (2 * self.context + 1)
 
     @property
+    def readable_name(self) -> str:
+        return f"{self.arch}-{self.backbone}-{self.image_size}px-c{self.context}"
+
+    @property
     def exp_name(self) -> str:
-        return self.exp or f"{self.arch}-{self.backbone}-{self.image_size}px-c{self.context}"
+        """`exp` when set, else the readable part plus a short hash of every non-default key that changes training
+        (e.g. `bloodnet-resnet10t-128px-c0-1f3a9c` for `--set lr=3e-4`), so no two settings share a folder."""
+        if self.exp:
+            return self.exp
+        return derived_name(self.readable_name, training_overrides(dataclasses.asdict(self)))
 
 
-def _coerce(value: Any, current: Any, key: str) -> Any:
+def training_overrides(values: dict[str, Any]) -> dict[str, Any]:
+    """{dotted key: value} of a config (as dataclasses.asdict gives it, or as a run record saved it) where it differs
+    from today's defaults and changes training; keys a saved record lacks count as their default."""
+    return changed_keys(values, dataclasses.asdict(Config()), skip=NON_TRAINING_KEYS | set(NAME_KEYS))
+
+
+def coerce(value: Any, current: Any, key: str) -> Any:
     """Parse a --set string or YAML value into the type of the default it replaces."""
     if isinstance(current, bool):
         if isinstance(value, str):
@@ -82,10 +146,10 @@ def _coerce(value: Any, current: Any, key: str) -> Any:
                 return False
             raise InputError(f"--set {key}: expected true/false, got {value!r}")
         return bool(value)
-    if isinstance(current, tuple):
-        items = value.split(",") if isinstance(value, str) else list(value)
-        return tuple(type(current[0])(v) for v in items)
     try:
+        if isinstance(current, tuple):
+            items = value.split(",") if isinstance(value, str) else list(value)
+            return tuple(type(current[0])(v) for v in items)
         return type(current)(value)
     except (TypeError, ValueError) as err:
         raise InputError(f"config key {key}: cannot read {value!r} as {type(current).__name__}") from err
@@ -104,7 +168,7 @@ def _apply(cfg: Any, overrides: dict[str, Any], source: str, prefix: str = "") -
                 raise InputError(f"{source}: config key {prefix + head!r} takes a mapping")
             _apply(current, nested, source, prefix=f"{prefix}{head}.")
         else:
-            setattr(cfg, head, _coerce(value, current, prefix + head))
+            setattr(cfg, head, coerce(value, current, prefix + head))
 
 
 def load_config(path: str | None = None, sets: list[str] | None = None) -> Config:
@@ -135,8 +199,8 @@ def load_config(path: str | None = None, sets: list[str] | None = None) -> Confi
     return cfg
 
 
-def run_record(cfg: Config) -> dict[str, Any]:
-    """What is saved beside every output: the resolved config, git hash and package versions."""
+def provenance() -> dict[str, Any]:
+    """Git hash (marked +dirty), Python and package versions: what a saved result needs to be reproduced."""
     try:
         git = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
         commit = git.stdout.strip() or "unknown"
@@ -150,19 +214,34 @@ def run_record(cfg: Config) -> dict[str, Any]:
             packages[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
             packages[name] = None
-    return {
-        "config": dataclasses.asdict(cfg),
-        "exp": cfg.exp_name,
-        "git": commit,
-        "python": platform.python_version(),
-        "packages": packages,
-    }
+    return {"git": commit, "python": platform.python_version(), "packages": packages}
+
+
+def run_record(cfg: Config) -> dict[str, Any]:
+    """What is saved beside every training output: the resolved config, git hash and package versions."""
+    return {"config": dataclasses.asdict(cfg), "exp": cfg.exp_name, **provenance()}
+
+
+def renamed_run_note(cfg: Config) -> str | None:
+    """A finished run saved under the readable name alone (before names carried a hash) with exactly these settings:
+    the one line that says where it went, or None."""
+    name, old = cfg.exp_name, cfg.readable_name
+    if cfg.exp or name == old or (OOF_DIR / name).exists():
+        return None
+    now = training_overrides(dataclasses.asdict(cfg))
+    for record in sorted((OOF_DIR / old).glob("fold*_run.json")):
+        try:
+            saved = json.loads(record.read_text()).get("config", {})
+        except (OSError, json.JSONDecodeError):
+            continue
+        if training_overrides(saved) == now:
+            return (f"note: experiment names now end in a hash of the non-default training keys; {record.parent} holds "
+                    f"a run with these settings, now named {name}: rename oof/{old} and work/models/{old} to reuse it")
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m src.config [--config F] [--set k=v ...]`: print the resolved config (or one key with --get)."""
-    import argparse
-
     parser = argparse.ArgumentParser(description="print the resolved config")
     parser.add_argument("--config")
     parser.add_argument("--set", dest="sets", action="append", default=[])
@@ -172,6 +251,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.get:
         if args.get != "exp_name" and args.get not in dataclasses.asdict(cfg):
             raise InputError(f"--get {args.get}: unknown config key")
+        if args.get == "exp_name" and (note := renamed_run_note(cfg)):
+            print(note, file=sys.stderr)
         print(getattr(cfg, args.get))
     else:
         print(yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False), end="")

@@ -182,10 +182,12 @@ def test_cli_averages_folds_flags_at_saved_thresholds_and_writes_outputs(messy_f
     report.write_text(json.dumps(saved))
     out = tmp_path / "out"
     try:
-        assert cli.main([str(folder), "--exp", EXP, "--out", str(out)]) == 0
+        assert cli.main([str(folder), "--exp", EXP, "--out", str(out), "--set", "triage.batch_size=5"]) == 0
     finally:
         report.unlink()
     screen = capsys.readouterr().out
+    settings = json.loads((out / "triage_settings.json").read_text())  # the config section, saved with the outputs
+    assert settings["triage"]["batch_size"] == 5 and settings["triage"]["threshold_precision"] == 0.8
     assert "ICH SUSPECTED" in screen and "3 files skipped" in screen and str(report) in screen
 
     slices = pd.read_csv(out / "slices.csv")

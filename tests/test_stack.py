@@ -354,8 +354,12 @@ def test_partial_folds_use_inner_cv_and_cli_skip_gru(tmp_path, monkeypatch):
 
     fake = lambda d, split: meta_train if split == "train" else meta_test  # noqa: E731
     monkeypatch.setattr(src.data.metadata, "load_metadata", fake)
-    argv = ["--exp", "one", "--skip-gru", "--k", "2", "--n-inner", "3", "--threads", "1", "--oof-root", str(tmp_path)]
+    # --set reaches the config's stack section; flags override it; the resolved section is saved.
+    argv = ["--exp", "one", "--skip-gru", "--k", "2", "--set", "stack.n_inner=3", "--set", "stack.k=4", "--threads",
+            "1", "--oof-root", str(tmp_path)]
     assert main(argv) == 0
+    settings = json.loads((tmp_path / "one_stack_settings.json").read_text())["stack"]
+    assert (settings["k"], settings["n_inner"], settings["skip_gru"], settings["threads"]) == (2, 3, True, 1)
     metrics = json.loads((tmp_path / "one_stack_lgbm" / "metrics.json").read_text())
     assert metrics["cv_mode"] == "inner_group_cv" and metrics["n_models"] == 3 and metrics["folds_available"] == [0]
     v = pd.read_csv(tmp_path / "one_stack_lgbm" / "stack_valid.csv")

@@ -224,7 +224,11 @@ def test_cli_report_then_triage(tmp_path, monkeypatch, capsys):
     test_preds.assign(fold=-1).to_csv(pred_dir / "fold-1_test.csv", index=False)
     fake = lambda data_dir, split: meta if split == "train" else test_meta  # noqa: E731
     monkeypatch.setattr("src.evaluate.report.load_meta", fake)
-    assert main(["--pred", str(pred_dir), "--data", str(tmp_path), "--n-boot", "20", "--triage"]) == 0
+    argv = ["--pred", str(pred_dir), "--data", str(tmp_path), "--set", "report.n_boot=500", "--n-boot", "20",
+            "--set", "report.precisions=0.9,0.7", "--triage"]
+    assert main(argv) == 0
+    settings = json.loads((pred_dir / "report" / "report_settings.json").read_text())["report"]
+    assert settings["n_boot"] == 20 and settings["precisions"] == [0.9, 0.7]  # flag over --set; the section saved
     images = pd.read_csv(pred_dir / "report" / "triage_images.csv")
     studies = pd.read_csv(pred_dir / "report" / "triage_studies.csv")
     assert len(images) == 40 and len(studies) == 4

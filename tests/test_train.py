@@ -55,6 +55,9 @@ def test_oof_rows_are_exactly_the_held_out_fold(tiny_data):
     assert metrics["n_images"] == len(expected) and metrics["weighted_log_loss"] > 0
     record = json.loads((out_dir / "fold1_run.json").read_text())
     assert record["config"]["exp"] == "t_oof" and "torch" in record["packages"]
+    epochs = pd.read_csv(out_dir / "fold1_epochs.csv")  # lr and epoch time, also in the TensorBoard events
+    assert epochs.loc[0, "lr"] > 0 and epochs.loc[0, "epoch_time_s"] > 0
+    assert list((out_dir / "tensorboard" / "fold1").glob("events.out.tfevents.*"))
 
 
 def test_killed_run_resumes_from_epoch_two(tiny_data, monkeypatch):

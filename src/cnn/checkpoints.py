@@ -12,11 +12,11 @@ import torch
 from torch import nn
 
 from src.atomic import atomic_path
-from src.config import AugConfig, Config
+from src.config import AFTER_TRAINING_SECTIONS, Config
 from src.errors import InputError
 
 # Keys that may change between a kill and a resume without invalidating the checkpoint.
-RESUME_SAFE_KEYS = {"num_workers", "tta_flip"}
+RESUME_SAFE_KEYS = {"num_workers", "tta_flip", *AFTER_TRAINING_SECTIONS}
 
 
 def save_checkpoint(path: Path, model: nn.Module, cfg: Config, epoch: int, optimizer=None, **extra: Any) -> None:
@@ -47,16 +47,24 @@ def load_checkpoint(path: Path, cfg: Config) -> dict[str, Any] | None:
 
 def config_from_dict(values: dict) -> Config:
     """A Config from dataclasses.asdict output; keys this code no longer knows are dropped with a note."""
-    known = {f.name for f in dataclasses.fields(Config)}
-    aug_known = {f.name for f in dataclasses.fields(AugConfig)}
-    dropped = sorted(set(values) - known) + [f"aug.{k}" for k in sorted(set(values.get("aug") or {}) - aug_known)]
+    kwargs, dropped = {}, []
+    for f in dataclasses.fields(Config):
+        if f.name not in values:
+            continue  # a checkpoint older than the key: its default
+        value = values[f.name]
+        section = f.default_factory() if f.default_factory is not dataclasses.MISSING else None
+        if dataclasses.is_dataclass(section):
+            known = {s.name for s in dataclasses.fields(section)}
+            dropped += [f"{f.name}.{k}" for k in sorted(set(value or {}) - known)]
+            value = dataclasses.replace(section, **{k: tuple(v) if isinstance(getattr(section, k), tuple) else v
+                                                    for k, v in (value or {}).items() if k in known})
+        kwargs[f.name] = value
+    dropped = sorted(set(values) - set(kwargs) - {f.name for f in dataclasses.fields(Config)}) + dropped
     if dropped:
         print(f"note: checkpoint config keys not in this version, ignored: {', '.join(dropped)}", file=sys.stderr)
-    kwargs = {k: v for k, v in values.items() if k in known and k != "aug"}
     if "class_weights" in kwargs:
         kwargs["class_weights"] = tuple(kwargs["class_weights"])
-    aug = AugConfig(**{k: v for k, v in (values.get("aug") or {}).items() if k in aug_known})
-    return Config(**kwargs, aug=aug)
+    return Config(**kwargs)
 
 
 def load_model(checkpoint_path: str | os.PathLike) -> tuple[nn.Module, Config]:

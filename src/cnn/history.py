@@ -1,4 +1,4 @@
-"""The epoch log of a training run: one CSV row per epoch and the same as a learning-curve plot."""
+"""The epoch log of a training run: one CSV row per epoch, the same as a learning-curve plot and TensorBoard events."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from src.atomic import save_png, write_csv
+from src.cnn.tensorboard import log_epoch
 
 
 def write_epochs(history: list[dict], out_dir: Path, tag: str) -> None:
@@ -22,3 +23,4 @@ def write_epochs(history: list[dict], out_dir: Path, tag: str) -> None:
     ax.set_title(f"{out_dir.name} {tag}")
     ax.legend()
     save_png(fig, out_dir / f"{tag}_curves.png", dpi=90)
+    log_epoch(out_dir, tag, history[-1])

@@ -11,6 +11,7 @@ import argparse
 import math
 import os
 import random
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -138,8 +139,10 @@ def train_epochs(model: nn.Module, train_ds, valid_ds, cfg: Config, rt: Runtime,
             current_phase = phase
         loader = loader_for(train_ds, cfg, cfg.batch_size, epoch_sampler(train_ds, cfg, rt, epoch))
         desc = f"{tag} epoch {epoch + 1}/{total_epochs} [{phase.name}]"
+        started = time.perf_counter()
         row = {"epoch": epoch + 1, "phase": phase.name,
-               **train_one_epoch(model, loader, optimizer, scaler, phase, epoch_in_phase, cfg, rt, weights, desc)}
+               **train_one_epoch(model, loader, optimizer, scaler, phase, epoch_in_phase, cfg, rt, weights, desc),
+               "lr": optimizer.param_groups[0]["lr"]}  # the last step's: the schedule's value at the epoch's end
         improved = valid_ds is None  # training on all folds: the last epoch is the model
         if valid_ds is not None:
             row.update(validate(model, valid_ds, cfg, rt, f"{tag} valid"))
@@ -148,6 +151,7 @@ def train_epochs(model: nn.Module, train_ds, valid_ds, cfg: Config, rt: Runtime,
                 progress.best, progress.stale, improved = row["valid_wll"], 0, True
             elif phase.seg_lambda < 1.0:
                 progress.stale += 1
+        row["epoch_time_s"] = time.perf_counter() - started
         progress.history.append(row)
         progress.stopped_early = bool(valid_ds is not None and cfg.early_stopping
                                       and progress.stale >= cfg.early_stopping and phase is phases[-1])

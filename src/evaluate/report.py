@@ -30,6 +30,7 @@ from src.markdown import markdown_table
 from src.metric import bootstrap_auc, per_class_log_loss, weighted_log_loss
 from src.paths import resolve_data_dir
 from src.predictions import load_test_predictions, load_valid_predictions
+from src.stage_settings import parse_with_section, section_record
 
 META_COLS = (ID_COL, STUDY, SERIES, SLICE_INDEX)
 LEVEL_TITLES = {
@@ -254,14 +255,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pred", required=True, help="prediction directory, e.g. oof/<exp>")
     parser.add_argument("--data", help="data directory (default: $ICH_DATA, input/, input/synthetic/)")
     parser.add_argument("--out", help="report folder (default: <pred>/report)")
-    parser.add_argument("--precisions", default=",".join(map(str, DEFAULT_PRECISIONS)), help="target precisions")
-    parser.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples of studies for AUC CIs")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--run", type=int, default=RADNET_RUN, help="consecutive slices for the RADnet study rule")
+    # Defaults from the config's `report` section (--config F / --set report.key=v); these flags override it.
+    parser.add_argument("--precisions", help="target precisions, comma-separated")
+    parser.add_argument("--n-boot", type=int, help="bootstrap resamples of studies for AUC CIs")
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--run", type=int, help="consecutive slices for the RADnet study rule")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--triage", action="store_true", help="after the report, flag the *_test.csv predictions")
     mode.add_argument("--triage-only", action="store_true", help="flag test predictions with a saved thresholds.json")
-    args = parser.parse_args(argv)
+    args, cfg = parse_with_section(parser, argv, "report")
     pred_dir = Path(args.pred)
     if not pred_dir.is_dir():
         raise InputError(f"{pred_dir}: not a directory")
@@ -274,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
             load_valid_predictions(pred_dir),
             load_meta(data_dir, "train"),
             out_dir,
-            parse_precisions(args.precisions),
+            parse_precisions(",".join(map(str, cfg.report.precisions))),
             args.n_boot,
             args.seed,
             args.run,
@@ -298,6 +300,8 @@ def main(argv: list[str] | None = None) -> int:
             + ", ".join(f"{k}={v}" for k, v in result["flagged_studies"].items())
             + f"; written to {out_dir / 'triage_studies.csv'} and triage_images.csv"
         )
+    write_json(section_record(cfg, "report", pred=str(pred_dir), data_dir=str(data_dir)),
+               out_dir / "report_settings.json")
     return 0
 
 

@@ -7,12 +7,13 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
+from src.config import ReportConfig
 from src.constants import LABELS, SERIES, SLICE_INDEX, STUDY
 
-DEFAULT_PRECISIONS: tuple[float, ...] = (0.7, 0.8, 0.9)
+DEFAULT_PRECISIONS: tuple[float, ...] = ReportConfig.precisions  # the config's report section holds the defaults
 # The paper's Table IV: `any` at precision 0.50, 0.55, ..., 0.95.
 ANY_SWEEP: tuple[float, ...] = tuple(round(0.5 + 0.05 * i, 2) for i in range(10))
-RADNET_RUN = 3  # RADnet: a study is positive when >= 3 consecutive slices pass the threshold
+RADNET_RUN: int = ReportConfig.run  # RADnet: a study is positive when >= 3 consecutive slices pass the threshold
 LEVELS: tuple[str, ...] = ("slice", "study_max", "study_radnet")
 # Precision is a ratio of counts while targets are decimals; 0.7 must accept 7/10 whatever the rounding.
 _PRECISION_TOL = 1e-9

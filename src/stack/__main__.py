@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from src.atomic import write_json
 from src.errors import InputError, run_cli
 from src.predictions import fold_files, run_config
 from src.stack.compare import run_compare
@@ -17,21 +18,23 @@ def main(argv: list[str] | None = None) -> int:
     from src.config import Config
     from src.data.metadata import load_metadata
     from src.paths import OOF_DIR, resolve_data_dir
+    from src.stage_settings import parse_with_section, section_record
 
     parser = argparse.ArgumentParser(prog="python -m src.stack", description=__doc__)
     parser.add_argument("--exp", required=True, help="experiment name: reads oof/EXP/fold*_{valid,test}.csv")
     parser.add_argument("--data", help="data directory (default: the one in oof/EXP/fold*_run.json, else "
                         "$ICH_DATA, input/, input/synthetic/)")
-    parser.add_argument("--k", type=int, default=5, help="neighbours on each side for the LightGBM features")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--skip-gru", action="store_true", help="LightGBM only (no GRU, no blend)")
+    # Defaults from the config's `stack` section (--config F / --set stack.key=v); these flags override it.
+    parser.add_argument("--k", type=int, help="neighbours on each side for the LightGBM features")
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--skip-gru", action=argparse.BooleanOptionalAction, help="LightGBM only (no GRU, no blend)")
     parser.add_argument("--compare", action="store_true", help="only write the comparison of existing outputs")
     parser.add_argument("--n-folds", type=int, help="folds of the CNN's CV (default: from fold*_run.json)")
-    parser.add_argument("--n-inner", type=int, default=5, help="inner CV folds when some CNN folds are missing")
-    parser.add_argument("--device", default="cpu", help="GRU device: cpu, cuda or auto")
-    parser.add_argument("--threads", type=int, default=2, help="CPU threads for LightGBM and torch")
+    parser.add_argument("--n-inner", type=int, help="inner CV folds when some CNN folds are missing")
+    parser.add_argument("--device", help="GRU device: cpu, cuda or auto")
+    parser.add_argument("--threads", type=int, help="CPU threads for LightGBM and torch")
     parser.add_argument("--oof-root", default=str(OOF_DIR), help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    args, cfg = parse_with_section(parser, argv, "stack")
     if args.k < 0:
         raise InputError(f"--k must be >= 0, got {args.k}")
     oof_root = Path(args.oof_root)
@@ -46,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
         run_stack(args.exp, oof_root, meta_train, meta_test, n_folds, args.k, args.seed, args.skip_gru,
                   lgbm_params={"n_jobs": args.threads}, gru_params={"device": args.device}, n_inner=args.n_inner)
+        write_json(section_record(cfg, "stack", exp=args.exp, data_dir=str(data_dir)),
+                   oof_root / f"{args.exp}_stack_settings.json")
     run_compare(args.exp, oof_root, meta_train, n_folds, args.n_inner, args.seed)
     return 0
 

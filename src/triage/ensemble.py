@@ -11,13 +11,13 @@ from torch import nn
 
 from src import paths
 from src.cnn.checkpoints import load_model
-from src.config import Config
+from src.config import Config, TriageConfig
 from src.constants import LABELS
 from src.errors import InputError
 from src.evaluate.thresholds import RADNET_RUN
-from src.stack.bundle import StackerBundle, load_stackers, stack_model_dir
+from src.stack.bundle import KINDS, StackerBundle, load_stackers, stack_model_dir
 
-DEFAULT_PRECISION = 0.8
+DEFAULT_PRECISION: float = TriageConfig.threshold_precision  # the config's triage section holds the defaults
 # Without a saved thresholds.json (python -m src.evaluate.report) flags fall back to p >= 0.5, and every output says so.
 # The stacker applied by default when python -m src.stack saved one for the experiment.
 DEFAULT_STACKER = "blend"
@@ -142,6 +142,12 @@ def pick_stacker(exp: str, stacker: str | None, folds: set[int]) -> tuple[Stacke
     if explicit:
         raise InputError(f"--stacker {kind}: {note}")
     return None, None, note
+
+
+def check_stacker(name: str) -> None:
+    """The triage section's `stacker` (a flag's choices are checked by argparse; a config value is not)."""
+    if name not in ("", *KINDS, "none"):
+        raise InputError(f"triage.stacker {name!r}: expected one of {', '.join(KINDS)}, none, or empty for the default")
 
 
 def load_ensemble(exp: str | None = None, precision: float = DEFAULT_PRECISION,

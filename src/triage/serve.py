@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import base64
+import dataclasses
+import json
 import tempfile
 import threading
 from pathlib import Path
@@ -14,16 +16,18 @@ from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
+from src.config import TriageConfig
 from src.constants import LABELS, STUDY
 from src.errors import InputError, run_cli
 from src.stack.bundle import KINDS
-from src.triage.ensemble import DEFAULT_PRECISION, DEFAULT_STACKER, Ensemble, load_ensemble
+from src.stage_settings import parse_with_section
+from src.triage.ensemble import DEFAULT_PRECISION, DEFAULT_STACKER, Ensemble, check_stacker, load_ensemble
 from src.triage.inputs import load_study_files
 from src.triage.outputs import study_record
 from src.triage.predict import predict_study
 
 STATIC = Path(__file__).resolve().parent / "static"
-DEFAULT_MAX_UPLOAD_MB = 1024  # a 512 px head CT is ~0.5 MB a slice; 1 GB is a few thin-slice series
+DEFAULT_MAX_UPLOAD_MB: float = TriageConfig.max_upload_mb
 MAX_FILES = 5000
 # Only this origin: scripts, styles and requests; images also from data: URLs (the overlays). Nothing external.
 CSP = ("default-src 'self'; img-src 'self' data:; script-src 'self'; style-src 'self'; connect-src 'self'; "
@@ -148,16 +152,20 @@ def main(argv: list[str] | None = None) -> int:
     import uvicorn
 
     parser = argparse.ArgumentParser(prog="python -m src.triage.serve", description=__doc__)
-    parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--exp", help="experiment under work/models/ (default: the one with the newest checkpoint)")
-    parser.add_argument("--threshold-precision", type=float, default=DEFAULT_PRECISION)
-    parser.add_argument("--max-upload-mb", type=float, default=DEFAULT_MAX_UPLOAD_MB, help="refuse larger uploads")
+    # Defaults from the config's `triage` section (--config F / --set triage.key=v); these flags override it.
+    parser.add_argument("--port", type=int)
+    parser.add_argument("--threshold-precision", type=float)
+    parser.add_argument("--max-upload-mb", type=float, help="refuse larger uploads")
     parser.add_argument("--stacker", choices=[*KINDS, "none"],
                         help=f"saved level-2 stacker after the CNN folds (default: {DEFAULT_STACKER} when saved)")
-    args = parser.parse_args(argv)
+    # The page predicts with predict_study's own batch size and the validation's TTA: those keys are the CLI's.
+    args, cfg = parse_with_section(parser, argv, "triage", not_here=("batch_size", "no_tta"))
+    check_stacker(args.stacker)
     if not 0 < args.port < 65536:
         raise InputError(f"--port {args.port}: not a TCP port")
-    ens = load_ensemble(args.exp, args.threshold_precision, args.stacker)
+    ens = load_ensemble(args.exp, args.threshold_precision, args.stacker or None)
+    print(f"settings: {json.dumps(dataclasses.asdict(cfg.triage))}")
     print(f"model: {ens.describe()}\nprobabilities: {ens.source()}\nflags: {ens.thresholds_source}")
     print(f"open http://127.0.0.1:{args.port}/ (this machine only; uploads never leave it)")
     # Loopback only: the page and the uploaded studies are never reachable from another machine.

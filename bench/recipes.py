@@ -1,0 +1,175 @@
+"""Training recipes on fold 0 of the embedded default, each trained once and timed: the README's recipe table.
+
+    python bench/recipes.py [--only NAME ...] [--budget-min 12] [--data DIR] [--quick]
+
+Each recipe is the default config plus a few `--set` overrides (RECIPES below: one line each). It trains fold 0
+with `run_fold` (the same code as `python -m src.cnn.train --fold 0`) under its own experiment name, so its
+predictions land in oof/<exp>/ beside every other run and on `python -m src.evaluate.experiments`. Scores: fold-0
+weighted log loss and slice AUC(any) from fold0_metrics.json, study AUC(any) from the max `any` over each study's
+slices. Time: the training step's wall clock (train, validate, predict; the cache for a new image size is built
+first and timed apart); for a fold trained before, outside the bench, the sum of its logged epoch times. Results
+are kept per experiment in work/bench/recipes/, so a killed run resumes with the next recipe. A recipe whose key
+this checkout lacks (e.g. `ema` before EMA lands) is listed as skipped.
+`--quick` shrinks every recipe (64 px, two batches, one epoch): a check of the machinery, not a result.
+Writes work/bench/recipes.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import pandas as pd
+import torch
+from sklearn.metrics import roc_auc_score
+
+from src.atomic import write_json, write_text
+from src.config import load_config
+from src.constants import ID_COL, STUDY
+from src.errors import InputError
+from src.evaluate.experiments import train_minutes
+from src.markdown import markdown_table
+from src.paths import OOF_DIR, WORK, resolve_data_dir
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    what: str
+    sets: tuple[str, ...] = ()
+
+
+# Same budget for all: the default BloodNet schedule is 2 + 1 + 3 epochs at 128 px. An epoch costs ~ pixels, so
+# 96 px affords ~1.8x the epochs and 160 px ~0.65x. Context widens only the first convolution.
+RECIPES: tuple[Recipe, ...] = (
+    Recipe("default", "the current default (BloodNet, 128 px, 2+1+3 epochs)"),
+    Recipe("context1", "2.5D: 1 neighbour slice each side (9 channels)", ("context=1",)),
+    Recipe("context2", "2.5D: 2 neighbour slices each side (15 channels)", ("context=2",)),
+    Recipe("ema", "EMA of the weights for validation and the saved model", ("ema=true",)),
+    Recipe("96px-long", "96 px, longer schedule (3+1+6 epochs)", ("image_size=96", "seg_epochs=3", "joint_epochs=6")),
+    Recipe("160px-short", "160 px, shorter schedule (1+1+2 epochs)",
+           ("image_size=160", "seg_epochs=1", "joint_epochs=2")),
+    Recipe("classifier", "plain timm classifier, no segmentation branch (6 epochs)", ("arch=classifier",)),
+)
+# Applied after each recipe's own keys in --quick mode.
+QUICK: tuple[str, ...] = ("image_size=64", "limit_train_batches=2", "batch_size=16", "epochs=1", "seg_epochs=0",
+                          "head_epochs=0", "joint_epochs=1", "num_workers=0", "tta_flip=false")
+COLUMNS = ("recipe", "what", "exp", "status", "train_min", "within_budget", "fold0_wll", "auc_any", "study_auc_any")
+
+
+def study_auc_any(valid: pd.DataFrame, meta: pd.DataFrame) -> float:
+    """AUC of a study's max `any` probability over its slices against its label (any slice positive)."""
+    joined = valid[[ID_COL, "any"]].merge(meta[[ID_COL, STUDY, "any"]], on=ID_COL, suffixes=("_p", "_y"),
+                                          validate="one_to_one")
+    if len(joined) != len(valid):
+        raise InputError(f"{len(valid) - len(joined)} predicted IDs are not in the training metadata")
+    studies = joined.groupby(STUDY)[["any_p", "any_y"]].max()
+    if studies["any_y"].nunique() < 2:
+        return float("nan")
+    return float(roc_auc_score(studies["any_y"], studies["any_p"]))
+
+
+def run_recipe(recipe: Recipe, data_dir: Path, extra: tuple[str, ...], results_dir: Path) -> dict:
+    """Train fold 0 under the recipe (or reuse its saved result) and score it; a bad key is a 'skipped' row."""
+    from src.cnn.train import run_fold
+    from src.data.cache import load_cache
+    from src.data.metadata import load_metadata
+
+    row = {"recipe": recipe.name, "what": recipe.what, "settings": " ".join(recipe.sets) or "(defaults)"}
+    try:
+        cfg = load_config(None, [*recipe.sets, *extra])
+    except InputError as err:
+        return {**row, "exp": "", "status": f"skipped: {str(err).split(' (known')[0]}"}
+    cfg.data_dir = str(data_dir)
+    row["exp"] = cfg.exp_name
+    saved = results_dir / f"{cfg.exp_name}.json"
+    out_dir = OOF_DIR / cfg.exp_name
+    if saved.exists() and (out_dir / "fold0_metrics.json").exists():
+        return {**json.loads(saved.read_text()), **row}
+    if (out_dir / "fold0_metrics.json").exists():
+        # Trained before, outside this bench (e.g. by run_fold.sh): its own epoch times, not a near-zero rerun.
+        row.update(status="ran before", train_min=train_minutes(out_dir, [0]))
+    else:
+        started = time.perf_counter()
+        for split in ("train", "test"):
+            load_cache(data_dir, cfg.image_size, split)
+        cache_s = time.perf_counter() - started
+        started = time.perf_counter()
+        run_fold(cfg, 0, data_dir)
+        row.update(status="ran", train_min=(time.perf_counter() - started) / 60, cache_min=cache_s / 60)
+    metrics = json.loads((out_dir / "fold0_metrics.json").read_text())
+    valid = pd.read_csv(out_dir / "fold0_valid.csv", dtype={ID_COL: str})
+    row.update(fold0_wll=metrics["weighted_log_loss"], auc_any=metrics["auc"]["any"],
+               study_auc_any=study_auc_any(valid, load_metadata(data_dir, "train")))
+    write_json(row, saved)
+    return row
+
+
+def machine() -> str:
+    load = " / ".join(f"{x:.1f}" for x in os.getloadavg())
+    return (f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} "
+            f"with {torch.get_num_threads()} threads; load average (1/5/15 min) {load}")
+
+
+def table(rows: list[dict], budget_min: float) -> pd.DataFrame:
+    frame = pd.DataFrame(rows).reindex(columns=[*COLUMNS[:4], "settings", *COLUMNS[4:]])
+    frame["within_budget"] = [bool(minutes <= budget_min) if status.startswith("ran") and minutes == minutes else None
+                              for status, minutes in zip(frame["status"], frame["train_min"])]
+    return frame
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    names = ", ".join(r.name for r in RECIPES)
+    parser.add_argument("--only", nargs="+", metavar="NAME", help=f"recipes to run ({names}; default: all)")
+    parser.add_argument("--budget-min", type=float, default=12.0,
+                        help="minutes the training step may take: run_fold.sh 0's 15 min less an assumed 3 min "
+                        "for its other stages")
+    parser.add_argument("--data", help="data directory (default: the embedded synthetic set)")
+    parser.add_argument("--quick", action="store_true", help="tiny runs: checks the machinery, measures nothing")
+    parser.add_argument("--out", type=Path, default=WORK / "bench", help="where recipes.{json,md} go")
+    args = parser.parse_args(argv)
+    known = {r.name for r in RECIPES}
+    unknown = sorted(set(args.only or ()) - known)
+    if unknown:
+        raise InputError(f"--only {', '.join(unknown)}: no such recipe (known: {', '.join(sorted(known))})")
+    data_dir = resolve_data_dir(args.data)
+    if not data_dir.is_dir():
+        raise InputError(f"{data_dir}: no data; run `bash run_fold.sh 0` or `python -m src.synth {data_dir}` first")
+    extra = QUICK if args.quick else ()
+    results_dir = args.out / ("recipes-quick" if args.quick else "recipes")
+    before = machine()
+    rows = []
+    for recipe in RECIPES:
+        if args.only and recipe.name not in args.only:
+            continue
+        print(f"[recipes] {recipe.name}: {' '.join(recipe.sets) or '(defaults)'}", flush=True)
+        rows.append(run_recipe(recipe, data_dir, extra, results_dir))
+    frame = table(rows, args.budget_min)
+    header = [
+        "QUICK MODE: tiny runs that check the machinery; these numbers are not results." if args.quick else
+        f"Fold 0 of `{data_dir.name}`, each recipe trained once (seed 0); budget for the training step "
+        f"{args.budget_min:g} min.",
+        f"Machine at start: {before}.", f"Machine at end: {machine()}.",
+        "Load averages above the core count mean other work shared the cores: times are then upper bounds.",
+        "Command: `python bench/recipes.py" + (" --quick" if args.quick else "") + "`.",
+    ]
+    text = "\n".join(header) + "\n\n" + markdown_table(frame, digits=4)
+    print(text)
+    write_json({"header": header, "rows": rows}, args.out / ("recipes-quick.json" if args.quick else "recipes.json"))
+    write_text(text, args.out / ("recipes-quick.md" if args.quick else "recipes.md"))
+    return 0
+
+
+if __name__ == "__main__":
+    from src.errors import run_cli
+
+    run_cli(main)

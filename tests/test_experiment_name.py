@@ -1,0 +1,119 @@
+"""Experiment names: every key that changes training changes the name; runtime keys and later stages do not."""
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+import src.config
+from src.cnn.checkpoints import config_from_dict, load_checkpoint, save_checkpoint
+from src.config import NAME_KEYS, NON_TRAINING_KEYS, Config, load_config
+from src.naming import flatten
+
+
+def test_two_experiments_differing_only_in_lr_get_different_names():
+    a, b = load_config(None, ["lr=3e-4"]), load_config(None, ["lr=1e-4"])
+    assert a.exp_name != b.exp_name
+    assert a.exp_name.startswith(a.readable_name + "-") and b.exp_name.startswith(b.readable_name + "-")
+    assert load_config(None, ["lr=3e-4"]).exp_name == a.exp_name  # the same settings, the same folder
+
+
+def test_defaults_keep_the_readable_name_runs_had_before():
+    assert load_config().exp_name == "bloodnet-resnet10t-128px-c0"
+    assert load_config(None, ["context=2"]).exp_name == "bloodnet-resnet10t-128px-c2"
+    assert load_config(None, ["lr=0.001"]).exp_name == load_config().exp_name  # a default spelled out is the default
+
+
+def _changed(value):
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, (int, float)):
+        return value * 2 + 1
+    if isinstance(value, tuple):
+        return tuple(v * 2 + 1 for v in value)
+    return f"{value}-other"
+
+
+def _training_keys(cfg) -> list[tuple[str, ...]]:
+    """Every leaf key of the config (dotted into sections), except the runtime ones and the readable part."""
+    keys = []
+    for f in dataclasses.fields(cfg):
+        if f.name in NON_TRAINING_KEYS or f.name in NAME_KEYS:
+            continue
+        value = getattr(cfg, f.name)
+        keys += [(f.name, *sub) for sub in _training_keys(value)] if dataclasses.is_dataclass(value) else [(f.name,)]
+    return keys
+
+
+def _with(cfg, key: tuple[str, ...], value):
+    if len(key) == 1:
+        return dataclasses.replace(cfg, **{key[0]: value})
+    return dataclasses.replace(cfg, **{key[0]: _with(getattr(cfg, key[0]), key[1:], value)})
+
+
+def _get(cfg, key):
+    for part in key:
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def test_every_training_key_changes_the_name_including_keys_added_later():
+    # Walks the dataclass, so a key another change adds is covered without touching this test.
+    base = Config()
+    keys = _training_keys(base)
+    assert ("lr",) in keys and ("aug", "hflip") in keys and ("seed",) in keys
+    names = {key: _with(base, key, _changed(_get(base, key))).exp_name for key in keys}
+    assert base.exp_name not in names.values()
+    assert len(set(names.values())) == len(keys), "two different settings share one experiment name"
+
+
+@pytest.mark.parametrize("sets", [["num_workers=4"], ["stack.k=2"], ["report.n_boot=10"], ["triage.port=9000"],
+                                  ["data_dir=/elsewhere"]])
+def test_runtime_keys_and_later_stages_keep_the_name(sets):
+    assert load_config(None, sets).exp_name == load_config().exp_name
+
+
+def test_an_explicit_exp_is_used_as_given():
+    assert load_config(None, ["exp=mine", "lr=3e-4"]).exp_name == "mine"
+
+
+def _finished_run(root, name, cfg):
+    (root / name).mkdir(parents=True)
+    record = {"config": json.loads(json.dumps(dataclasses.asdict(cfg))), "exp": name}  # as JSON stores it
+    (root / name / "fold0_run.json").write_text(json.dumps(record))
+
+
+def test_a_run_under_the_old_name_is_pointed_to(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(src.config, "OOF_DIR", tmp_path)
+    cfg = load_config(None, ["lr=3e-4", "aug.hflip=0"])
+    _finished_run(tmp_path, cfg.readable_name, cfg)  # names had no hash before
+    assert src.config.main(["--set", "lr=3e-4", "--set", "aug.hflip=0", "--get", "exp_name"]) == 0
+    out, err = capsys.readouterr()
+    assert out.strip() == cfg.exp_name  # stdout stays the bare name: run_fold.sh reads it
+    assert err.count("\n") == 1 and cfg.exp_name in err and f"oof/{cfg.readable_name}" in err
+    # Other settings, or the new folder already there: nothing to say.
+    assert src.config.renamed_run_note(load_config(None, ["lr=1e-4"])) is None
+    (tmp_path / cfg.exp_name).mkdir()
+    assert src.config.renamed_run_note(cfg) is None
+
+
+def test_resume_ignores_later_stage_sections_and_rebuilds_them(tmp_path):
+    cfg = load_config(None, ["report.precisions=0.9", "stack.k=3"])
+    save_checkpoint(tmp_path / "last.pt", torch.nn.Linear(2, 2), cfg, epoch=1)
+    assert load_checkpoint(tmp_path / "last.pt", load_config(None, ["stack.k=7"])) is not None
+    saved = torch.load(tmp_path / "last.pt", weights_only=False)["config"]
+    assert config_from_dict(json.loads(json.dumps(saved))) == cfg
+    old = {k: v for k, v in saved.items() if k not in ("stack", "report", "triage")}  # a checkpoint from before
+    assert config_from_dict(old).stack == Config().stack
+
+
+def test_flatten_spells_sections_with_dots():
+    flat = flatten({"aug": {"hflip": 0.5}, "class_weights": (1.0, 2.0)})
+    assert flat == {"aug.hflip": 0.5, "class_weights": [1.0, 2.0]}
+
+
+def test_the_keys_left_out_of_the_hash_exist():
+    # A misspelt or renamed entry would silently put a runtime key back into every name (or leave one out).
+    fields = {f.name for f in dataclasses.fields(Config)}
+    assert not NON_TRAINING_KEYS - fields and not set(NAME_KEYS) - fields

@@ -1,0 +1,59 @@
+"""bench/recipes.py in --quick mode on the tiny set: one row per recipe, scored, named apart, resumable."""
+
+import importlib.util
+import json
+import sys
+
+import pandas as pd
+import pytest
+
+from src.errors import InputError
+from src.paths import ROOT
+
+spec = importlib.util.spec_from_file_location("recipes", ROOT / "bench" / "recipes.py")
+recipes = importlib.util.module_from_spec(spec)
+sys.modules["recipes"] = recipes  # dataclasses look their module up while the class is built
+spec.loader.exec_module(recipes)
+
+
+def test_quick_run_trains_scores_and_resumes(tiny_data, tmp_path, monkeypatch):
+    out = tmp_path / "bench"
+    assert recipes.main(["--quick", "--data", str(tiny_data), "--only", "context1", "--out", str(out)]) == 0
+    (row,) = json.loads((out / "recipes-quick.json").read_text())["rows"]
+    assert row["recipe"] == "context1" and row["status"] == "ran" and row["train_min"] > 0
+    assert row["exp"].startswith("bloodnet-resnet10t-64px-c1-")  # its own name: the quick keys are in the hash
+    assert row["fold0_wll"] > 0 and 0 <= row["auc_any"] <= 1
+    assert 0 <= row["study_auc_any"] <= 1 or pd.isna(row["study_auc_any"])
+    text = (out / "recipes-quick.md").read_text()
+    assert "QUICK MODE" in text and "load average" in text and "| context1 |" in text
+    # A second call (a killed bench started again) reuses the saved result instead of training again.
+    monkeypatch.setattr("src.cnn.train.run_fold", lambda *a, **k: pytest.fail("trained again"))
+    assert recipes.main(["--quick", "--data", str(tiny_data), "--only", "context1", "--out", str(out)]) == 0
+    # A fold trained outside the bench (run_fold.sh) is scored with its own epoch times, not a near-zero "rerun".
+    (out / "recipes-quick" / f"{row['exp']}.json").unlink()
+    assert recipes.main(["--quick", "--data", str(tiny_data), "--only", "context1", "--out", str(out)]) == 0
+    (again,) = json.loads((out / "recipes-quick.json").read_text())["rows"]
+    epochs = pd.read_csv(recipes.OOF_DIR / row["exp"] / "fold0_epochs.csv")
+    assert again["status"] == "ran before" and again["train_min"] == pytest.approx(epochs["epoch_time_s"].sum() / 60)
+    assert again["fold0_wll"] == row["fold0_wll"]
+
+
+def test_a_recipe_whose_key_is_missing_is_skipped_not_fatal(tmp_path):
+    row = recipes.run_recipe(recipes.Recipe("x", "a key this checkout lacks", ("no_such_key=1",)), tmp_path, (),
+                             tmp_path)
+    assert row["status"].startswith("skipped:") and "no_such_key" in row["status"]
+
+
+def test_study_auc_uses_the_max_over_each_study():
+    meta = pd.DataFrame({"ID": ["a", "b", "c", "d"], "StudyInstanceUID": ["s1", "s1", "s2", "s2"],
+                         "any": [0, 1, 0, 0]})
+    valid = pd.DataFrame({"ID": ["a", "b", "c", "d"], "any": [0.1, 0.4, 0.3, 0.2]})
+    assert recipes.study_auc_any(valid, meta) == 1.0  # s1 max 0.4 (positive) > s2 max 0.3
+    valid.loc[0, "any"] = 0.2
+    valid.loc[1, "any"] = 0.25  # now the positive study's max is below the negative's
+    assert recipes.study_auc_any(valid, meta) == 0.0
+
+
+def test_unknown_recipe_name_is_an_error(tmp_path):
+    with pytest.raises(InputError, match="no such recipe"):
+        recipes.main(["--only", "nope", "--out", str(tmp_path)])
