@@ -2,6 +2,7 @@
 
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pandas as pd
@@ -11,7 +12,9 @@ from src.synth.generator import generate
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--set", "image_size=64", "--set", "seg_epochs=1", "--set", "head_epochs=1", "--set", "joint_epochs=1",
-        "--set", "limit_train_batches=2", "--set", "batch_size=16", "--set", "num_workers=0"]
+        "--set", "limit_train_batches=2", "--set", "batch_size=16", "--set", "num_workers=0",
+        # The stage sections travel with --set too: fewer stacker fits and bootstrap resamples keep it a smoke test.
+        "--set", "stack.n_inner=2", "--set", "report.n_boot=50"]
 
 
 def run_fold(args: list[str], data: Path, out: Path) -> subprocess.CompletedProcess:
@@ -35,7 +38,8 @@ def test_run_fold_zero_end_to_end(tiny_set, tmp_path):
     before = repo_outputs()
     done = run_fold(["0", *TINY], tiny_set, tmp_path)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    exp = "bloodnet-resnet10t-64px-c0"
+    exp = subprocess.run([sys.executable, "-m", "src.config", *TINY, "--get", "exp_name"], cwd=ROOT,
+                         capture_output=True, text=True, check=True).stdout.strip()
     oof = tmp_path / "oof" / exp
     valid = pd.read_csv(oof / "fold0_valid.csv")
     folds = pd.read_csv(next((tmp_path / "folds").glob("*.csv")))
