@@ -111,7 +111,7 @@ def train_epochs(core: nn.Module, train_ds, valid_ds, cfg: Config, rt: Runtime, 
                                       and progress.stale >= cfg.early_stopping and phase is phases[-1])
         if rt.rank == 0:
             if improved:
-                save_checkpoint(run.model_dir / "best.pt", judged, cfg, epoch=epoch + 1, ema=ema is not None)
+                save_checkpoint(run.model_dir / "best.pt", judged, cfg, epoch=epoch + 1, ema_weights=ema is not None)
             extra = {"ema": ema.module.state_dict()} if ema is not None else {}
             save_checkpoint(run.model_dir / "last.pt", core, cfg, epoch=epoch + 1, optimizer=optimizer,
                             phase=phase.name, best=progress.best, stale=progress.stale, history=progress.history,
