@@ -23,13 +23,7 @@ FAST = ["arch=classifier", "backbone=resnet10t", "image_size=64", "batch_size=8"
         "limit_train_batches=2"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # On a shared 2-core machine two torch threads per process run ~10x slower than one (oversubscription).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def config(data_dir, exp, *extra):
