@@ -22,12 +22,15 @@ def mixed_seed(*parts: int) -> int:
     return int(np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(1)[0])
 
 
-def seed_epoch(seed: int, epoch: int, rank: int = 0) -> None:
-    """The process RNGs at the start of an epoch (dropout, stochastic depth): the same after a resume."""
-    value = mixed_seed(seed, epoch, rank)
+def seed_all(value: int) -> None:
     random.seed(value)
     np.random.seed(value)
     torch.manual_seed(value)
+
+
+def seed_epoch(seed: int, epoch: int, rank: int = 0) -> None:
+    """The process RNGs at the start of an epoch (dropout, stochastic depth): the same after a resume."""
+    seed_all(mixed_seed(seed, epoch, rank))
 
 
 class EpochSampler(Sampler):

@@ -1,15 +1,15 @@
 """Train one fold (`python -m src.cnn.train --fold K`), resume after a kill, write OOF/test predictions and embeddings.
 
 Runs as is on CPU or one GPU, and under `torchrun --nproc_per_node N -m src.cnn.train ...` with DistributedDataParallel
-(NCCL on GPUs, gloo on CPU); only rank 0 writes files. The steps of `run_fold`, in order: data, model, resume state,
-the epoch loop (train, validate, checkpoint), then predictions from the best checkpoint.
+(NCCL on GPUs, gloo on CPU); only rank 0 writes files. The steps of `run_fold`, in order: data; for each seed the
+model, its resume state and the epoch loop (fit.py: train, validate, checkpoint); then predictions from each seed's
+best checkpoint, averaged over seeds.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import random
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +24,7 @@ from src.cnn.distributed import barrier, predict_sharded, setup_distributed, sha
 from src.cnn.fit import Progress, SeedRun, train_epochs
 from src.cnn.model import build_model
 from src.cnn.runtime import Runtime
+from src.cnn.sampling import seed_all
 from src.cnn.schedule import phases_for
 from src.config import Config, load_config
 from src.constants import FOLD_COL, ID_COL
@@ -32,12 +33,6 @@ from src.data.dataset import SliceDataset, build_augment
 from src.data.folds import load_folds
 from src.errors import InputError, run_cli
 from src.paths import WORK, resolve_data_dir
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def split_fold(
@@ -75,7 +70,7 @@ def prepare_data(cfg: Config, data_dir: Path, fold: int, rt: Runtime):
 
 def prepare_model(cfg: Config, rt: Runtime, seed: int) -> nn.Module:
     """The plain network of one seed on the device; fit.train_epochs wraps it (DDP, compile) phase by phase."""
-    seed_everything(seed + rt.rank)
+    seed_all(seed + rt.rank)  # the initial weights of this seed
     model = build_model(cfg).to(rt.device)
     return model.to(memory_format=torch.channels_last) if rt.channels_last else model
 
