@@ -42,7 +42,7 @@ def wrap_model(core: nn.Module, cfg: Config, rt: Runtime) -> nn.Module:
 
     DDP registers only the parameters that require grad when it is built, so re-wrapping at each phase (BloodNet
     freezes the encoder in step 2) lets it run without find_unused_parameters: every registered parameter is in
-    every step's graph (the loss keeps the unused branch in with a 0 weight).
+    every step's graph (step 1, segmentation only, keeps the head in the loss with weight 0).
     """
     model = core
     if rt.world > 1:
