@@ -70,8 +70,7 @@ def train_one_epoch(model: nn.Module, loader, optimizer, scaler, phase: Phase, e
         sync.__enter__()
         x = to_input(batch["image"], rt.device, rt.channels_last)
         with torch.autocast(rt.device.type, dtype=rt.amp_dtype, enabled=rt.amp_dtype is not None):
-            out = model(x, batch["voxel_mm3"].to(rt.device, non_blocking=True))
-        # -- the training loss --
+            out = model(x, batch["voxel_mm3"].to(rt.device))
         loss = (1.0 - phase.seg_lambda) * weighted_bce(out["logits"], batch["labels"].to(rt.device), class_weights)
         if phase.seg_lambda > 0:
             seg = masked_seg_loss(
@@ -80,7 +79,6 @@ def train_one_epoch(model: nn.Module, loader, optimizer, scaler, phase: Phase, e
             loss = loss + phase.seg_lambda * seg
         elif "seg_logits" in out:
             loss = loss + 0.0 * out["seg_logits"].sum()  # keeps DDP's gradient buckets complete
-        # -- end of the training loss --
         scaler.scale(loss / group).backward()
         sync.__exit__(None, None, None)
         if last_in_group:
