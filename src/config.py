@@ -67,7 +67,10 @@ class TriageConfig:
 AFTER_TRAINING_SECTIONS: tuple[str, ...] = ("stack", "report", "triage")
 # Keys that do not change what is trained or predicted, so they stay out of the experiment name's hash. Every other
 # Config field, including ones added later, is hashed when it differs from its default: add runtime-only keys here.
-NON_TRAINING_KEYS: frozenset[str] = frozenset({"exp", "data_dir", "num_workers", *AFTER_TRAINING_SECTIONS})
+# log_every and compile change speed, not weights; `seeds` may grow on a finished fold (the trained seeds are kept,
+# the new ones train beside them), so it must keep the folder.
+NON_TRAINING_KEYS: frozenset[str] = frozenset({"exp", "data_dir", "num_workers", "log_every", "compile", "seeds",
+                                               *AFTER_TRAINING_SECTIONS})
 # The readable part of a derived experiment name; they are spelled out there, so the hash leaves them out.
 NAME_KEYS: tuple[str, ...] = ("arch", "backbone", "image_size", "context")
 
@@ -102,8 +105,15 @@ class Config:
     joint_epochs: int = 3  # step 3: lambda = joint_lambda, end to end
     joint_lambda: float = 0.5
     seg_dice: bool = False
+    # training engine (GPU-ready loop): EMA, accumulation, seeds, compile, logging
+    ema: bool = False  # validate, keep and predict with timm's ModelEmaV3 average of the weights
+    ema_decay: float = 0.999  # reached after timm's warmup (decay grows from 0 with the optimizer step)
+    accumulate: int = 1  # k batches per optimizer step (effective batch = k x batch_size x world)
+    seeds: int = 1  # n > 1: train seeds seed..seed+n-1 of the fold; OOF and test are their mean
+    compile: bool = False  # torch.compile the model (worth it on GPUs; slow to start on CPU)
+    log_every: int = 50  # optimizer steps between progress updates (each one is a device sync)
     # runtime
-    num_workers: int = 1
+    num_workers: int = -1  # -1: from the machine (its cores per process, minus the main one); 0: no workers
     seed: int = 0
     tta_flip: bool = True
     amp: bool = True  # only ever used on CUDA

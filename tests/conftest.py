@@ -19,3 +19,14 @@ def tiny_data(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("tiny_synth")
     generate(out, n_studies=14, seed=3, size=64)
     return out
+
+
+@pytest.fixture
+def one_torch_thread():
+    """One torch thread for the test: on a shared 2-core machine two threads per process run ~10x slower."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -1,4 +1,6 @@
-"""The training entry point under torchrun: 2 CPU processes (gloo), outputs written once by rank 0 and complete."""
+"""The training entry point under torchrun: 2 CPU processes (gloo), outputs written once by rank 0 and complete.
+
+DDP runs without find_unused_parameters: a parameter left out of a step's graph would stop the second step."""
 
 import os
 import subprocess
@@ -20,8 +22,10 @@ def test_torchrun_two_cpu_processes(tiny_data):
         "-m", "src.cnn.train", "--fold", "0", "--set", f"exp={exp}", "--set", "backbone=resnet10t",
         "--set", "image_size=64", "--set", "arch=bloodnet",
         "--set", "seg_epochs=1", "--set", "head_epochs=1", "--set", "joint_epochs=1",
-        "--set", "limit_train_batches=2", "--set", "num_workers=0",
+        "--set", "limit_train_batches=4", "--set", "num_workers=0",
         "--set", "batch_size=8", "--set", "tta_flip=false",
+        # Accumulation skips the all-reduce on the first batch of each pair (no_sync); EMA follows each rank's copy.
+        "--set", "accumulate=2", "--set", "ema=true",
     ]
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=400, check=False)
     log = done.stdout + done.stderr

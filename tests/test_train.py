@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from src.cnn import train
+from src.cnn import fit
 from src.cnn.schedule import lr_at, phase_at, phases_for
 from src.cnn.train import run_fold
 from src.config import load_config
@@ -62,18 +62,18 @@ def test_oof_rows_are_exactly_the_held_out_fold(tiny_data):
 
 def test_killed_run_resumes_from_epoch_two(tiny_data, monkeypatch):
     cfg = fast_config(tiny_data, "t_resume", "epochs=2")
-    real_write = train.write_epochs
+    real_write = fit.write_epochs
 
     def write_then_die(history, out_dir, tag):
         real_write(history, out_dir, tag)
         raise KeyboardInterrupt  # the kill lands right after epoch 1's checkpoint
 
-    monkeypatch.setattr(train, "write_epochs", write_then_die)
+    monkeypatch.setattr(fit, "write_epochs", write_then_die)
     with pytest.raises(KeyboardInterrupt):
         run_fold(cfg, 0, tiny_data)
     first = pd.read_csv(exp_dir("t_resume") / "fold0_epochs.csv")
     assert list(first["epoch"]) == [1]
-    monkeypatch.setattr(train, "write_epochs", real_write)
+    monkeypatch.setattr(fit, "write_epochs", real_write)
 
     started = []
     real_phase_at = phase_at
@@ -82,7 +82,7 @@ def test_killed_run_resumes_from_epoch_two(tiny_data, monkeypatch):
         started.append(epoch)
         return real_phase_at(phases, epoch)
 
-    monkeypatch.setattr("src.cnn.train.phase_at", spy)
+    monkeypatch.setattr("src.cnn.fit.phase_at", spy)
     run_fold(cfg, 0, tiny_data)
     assert started == [1]  # only epoch 2 (index 1) ran again
     history = pd.read_csv(exp_dir("t_resume") / "fold0_epochs.csv")

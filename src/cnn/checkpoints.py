@@ -16,7 +16,8 @@ from src.config import AFTER_TRAINING_SECTIONS, Config
 from src.errors import InputError
 
 # Keys that may change between a kill and a resume without invalidating the checkpoint.
-RESUME_SAFE_KEYS = {"num_workers", "tta_flip", *AFTER_TRAINING_SECTIONS}
+# `seeds` may grow: the seeds already trained are kept and the new ones train beside them.
+RESUME_SAFE_KEYS = {"num_workers", "tta_flip", "log_every", "compile", "seeds", *AFTER_TRAINING_SECTIONS}
 
 
 def save_checkpoint(path: Path, model: nn.Module, cfg: Config, epoch: int, optimizer=None, **extra: Any) -> None:
@@ -43,6 +44,16 @@ def load_checkpoint(path: Path, cfg: Config) -> dict[str, Any] | None:
             "delete its folder or choose another exp name"
         )
     return state
+
+
+def deployed_weights(path: Path) -> dict[str, Any]:
+    """The weights a run predicts with: best.pt holds the validated ones (the EMA copy when `ema` is on); a last.pt
+    (a run without validation that stopped before saving best.pt) holds the EMA copy beside the raw weights."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:  # a checkpoint torch cannot read is a user-facing problem, not a traceback
+        raise InputError(f"{path}: cannot read checkpoint ({err}); delete it to train the fold again") from err
+    return state.get("ema") or state["model"]
 
 
 def config_from_dict(values: dict) -> Config:

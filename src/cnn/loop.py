@@ -2,75 +2,72 @@
 
 from __future__ import annotations
 
+import math
 import time
-from dataclasses import dataclass
 
+import timm.optim
 import torch
+from timm.utils import ModelEmaV3
 from torch import nn
 from tqdm import tqdm
 
 from src.cnn.distributed import predict_sharded, unwrap
 from src.cnn.losses import masked_seg_loss, weighted_bce
 from src.cnn.predict import to_input
+from src.cnn.runtime import Runtime, no_sync
 from src.cnn.schedule import Phase, lr_at
 from src.config import Config
 from src.errors import InputError
 from src.metric import per_class_auc, weighted_log_loss
 
-
-@dataclass
-class Runtime:
-    """Where and how this process trains: rank/world for DDP, device, AMP dtype, memory format."""
-
-    rank: int
-    world: int
-    device: torch.device
-    amp_dtype: torch.dtype | None
-    channels_last: bool
-
-    @classmethod
-    def create(cls, cfg: Config, rank: int, world: int, device: torch.device) -> Runtime:
-        is_cuda = device.type == "cuda"
-        amp = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if (is_cuda and cfg.amp) else None
-        return cls(rank, world, device, amp, channels_last=is_cuda)
+OPTIMIZERS = ("adamw", "adam")
 
 
 def make_optimizer(cfg: Config, model: nn.Module, head_only: bool) -> torch.optim.Optimizer:
+    """timm's optimizer factory over timm's parameter groups (no weight decay on norms and biases); the frozen
+    parameters of a head-only phase are left out. Fused AdamW/Adam kernels on CUDA."""
     core = unwrap(model)
-    head = core.head_parameters()
-    head_ids = {id(p) for p in head}
+    head_ids = {id(p) for p in core.head_parameters()}
     for p in core.parameters():
         p.requires_grad_(not head_only or id(p) in head_ids)
-    params = [p for p in core.parameters() if p.requires_grad]
-    # No weight decay on norms and biases (1-D tensors), as timm's param groups do.
-    groups = [
-        {"params": [p for p in params if p.ndim > 1], "weight_decay": cfg.weight_decay},
-        {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0},
-    ]
-    if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.lr)
-    if cfg.optimizer == "adam":
-        return torch.optim.Adam(groups, lr=cfg.lr)
-    raise InputError(f"config key optimizer: {cfg.optimizer!r} is not adamw or adam")
+    if cfg.optimizer not in OPTIMIZERS:
+        raise InputError(f"config key optimizer: {cfg.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
+    fused = next(core.parameters()).is_cuda
+    extra = {"fused": True, "foreach": False} if fused else {}
+    return timm.optim.create_optimizer_v2(core, cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay, **extra)
 
 
 def train_one_epoch(model: nn.Module, loader, optimizer, scaler, phase: Phase, epoch_in_phase: int, cfg: Config,
-                    rt: Runtime, class_weights: torch.Tensor, desc: str) -> dict:
-    """Run one epoch of `phase`; returns the epoch's mean loss and images/s."""
-    steps_per_epoch = len(loader) if not cfg.limit_train_batches else min(len(loader), cfg.limit_train_batches)
+                    rt: Runtime, class_weights: torch.Tensor, desc: str, ema: ModelEmaV3 | None = None,
+                    ema_step: int = 0) -> dict:
+    """Run one epoch of `phase`; returns the epoch's mean loss and images/s.
+
+    `cfg.accumulate` batches make one optimizer step (each scaled by 1/its group's size, so k batches of b match
+    one batch of k·b). The loss is summed on the device and read back every `cfg.log_every` steps only: each
+    read is a sync that stalls a GPU. `ema_step` is the number of optimizer steps before this epoch.
+    """
+    batches = len(loader)
+    k = max(1, cfg.accumulate)
+    steps_per_epoch = math.ceil(batches / k)
     total_steps = steps_per_epoch * phase.epochs
     warmup = int(cfg.warmup_epochs * steps_per_epoch) if not phase.head_only else 0
     model.train()
     if phase.head_only:
         model.eval()  # frozen encoder: keep BatchNorm statistics fixed too
-    t0, seen, loss_sum = time.time(), 0, 0.0
-    bar = tqdm(loader, total=steps_per_epoch, desc=desc, disable=rt.rank != 0, leave=False)
-    for step, batch in enumerate(bar):
-        if step >= steps_per_epoch:
-            break
+    t0, seen = time.time(), 0
+    loss_sum = torch.zeros((), device=rt.device)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer.zero_grad(set_to_none=True)
+    bar = tqdm(loader, total=batches, desc=desc, disable=rt.rank != 0, leave=False)
+    for i, batch in enumerate(bar):
+        step, position = divmod(i, k)
+        group = min(k, batches - step * k)  # the epoch's last group may be short
+        last_in_group = position == group - 1
         lr = lr_at(epoch_in_phase * steps_per_epoch + step, total_steps, warmup, cfg.lr)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
+        for param_group in optimizer.param_groups:
+            param_group["lr"] = lr
+        sync = no_sync(model, skip=not last_in_group)
+        sync.__enter__()
         x = to_input(batch["image"], rt.device, rt.channels_last)
         with torch.autocast(rt.device.type, dtype=rt.amp_dtype, enabled=rt.amp_dtype is not None):
             out = model(x, batch["voxel_mm3"].to(rt.device))
@@ -82,23 +79,28 @@ def train_one_epoch(model: nn.Module, loader, optimizer, scaler, phase: Phase, e
             loss = loss + phase.seg_lambda * seg
         elif "seg_logits" in out:
             loss = loss + 0.0 * out["seg_logits"].sum()  # keeps DDP's gradient buckets complete
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)
-        nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], cfg.grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
+        scaler.scale(loss / group).backward()
+        sync.__exit__(None, None, None)
+        if last_in_group:
+            scaler.unscale_(optimizer)
+            nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            if ema is not None:
+                ema.update(unwrap(model), step=ema_step + step + 1)
+            if rt.rank == 0 and (step + 1) % max(1, cfg.log_every) == 0:
+                bar.set_postfix(loss=f"{loss_sum.item() / max(seen, 1):.4f}", lr=f"{lr:.2e}")
         seen += len(x)
-        loss_sum += loss.detach().item() * len(x)
-        bar.set_postfix(loss=f"{loss_sum / seen:.4f}", lr=f"{lr:.2e}")
+        loss_sum += loss.detach().float() * len(x)
     bar.close()
-    return {"train_loss": loss_sum / max(seen, 1),
-            "train_images_per_s": seen * rt.world / max(time.time() - t0, 1e-9)}
+    mean_loss = loss_sum.item() / max(seen, 1)  # the one sync of the epoch that is not a log line
+    return {"train_loss": mean_loss, "train_images_per_s": seen * rt.world / max(time.time() - t0, 1e-9)}
 
 
-def validate(model: nn.Module, valid_ds, cfg: Config, rt: Runtime, desc: str) -> dict:
-    """The competition metric and AUC(any) of the current weights on the held-out fold (no TTA)."""
-    pred = predict_sharded(model, valid_ds, cfg, rt.device, rt.world, rt.rank, rt.amp_dtype, rt.channels_last,
-                           False, desc)
+def validate(model: nn.Module, loader, valid_ds, rt: Runtime, desc: str) -> dict:
+    """The competition metric and AUC(any) of the given weights (the EMA copy when on) on the held-out fold, from
+    probabilities only (no TTA, no embeddings: those are predicted once, from the best checkpoint)."""
+    pred = predict_sharded(model, loader, rt, False, desc, embeddings=False)
     y = valid_ds.labels
     return {"valid_wll": weighted_log_loss(y, pred["probs"]), "valid_auc_any": per_class_auc(y, pred["probs"])["any"]}

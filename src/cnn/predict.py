@@ -25,8 +25,12 @@ def predict_loader(
     channels_last: bool = False,
     progress: bool = True,
     desc: str = "predict",
+    embeddings: bool = True,
 ) -> dict[str, np.ndarray]:
-    """Run the model over a loader of SliceDataset items; returns arrays in loader order plus `index`."""
+    """Run the model over a loader of SliceDataset items; returns arrays in loader order plus `index`.
+
+    `embeddings=False` keeps only probabilities (and volumes): what per-epoch validation needs, without copying
+    and gathering a [N, features] array every epoch."""
     model.eval()
     parts: dict[str, list[np.ndarray]] = {"index": [], "probs": [], "embedding": [], "volume_mm3": []}
     for batch in tqdm(loader, desc=desc, disable=not progress, leave=False):
@@ -39,7 +43,9 @@ def predict_loader(
                 outs.append(model(view, voxel))
         parts["index"].append(batch["index"].numpy())
         parts["probs"].append(torch.stack([torch.sigmoid(o["logits"].float()) for o in outs]).mean(0).cpu().numpy())
-        parts["embedding"].append(torch.stack([o["embedding"].float() for o in outs]).mean(0).cpu().numpy())
+        if embeddings:
+            parts["embedding"].append(torch.stack([o["embedding"].float() for o in outs]).mean(0).cpu().numpy())
         if "mask_volume_mm3" in outs[0]:  # the reported volume: pixels at p >= 0.5 (see model.MASK_CUTOFF)
             parts["volume_mm3"].append(torch.stack([o["mask_volume_mm3"] for o in outs]).mean(0).cpu().numpy())
-    return {k: np.concatenate(v) if v else np.empty(0) for k, v in parts.items() if v or k != "volume_mm3"}
+    kept = {"index", "probs", *(["embedding"] if embeddings else [])}
+    return {k: np.concatenate(v) if v else np.empty(0) for k, v in parts.items() if v or k in kept}

@@ -1,18 +1,15 @@
 """Train one fold (`python -m src.cnn.train --fold K`), resume after a kill, write OOF/test predictions and embeddings.
 
 Runs as is on CPU or one GPU, and under `torchrun --nproc_per_node N -m src.cnn.train ...` with DistributedDataParallel
-(NCCL on GPUs, gloo on CPU); only rank 0 writes files. The steps of `run_fold`, in order: data, model, resume state,
-the epoch loop (train, validate, checkpoint), then predictions from the best checkpoint.
+(NCCL on GPUs, gloo on CPU); only rank 0 writes files. The steps of `run_fold`, in order: data; for each seed the
+model, its resume state and the epoch loop (fit.py: train, validate, checkpoint); then predictions from each seed's
+best checkpoint, averaged over seeds.
 """
 
 from __future__ import annotations
 
 import argparse
-import math
 import os
-import random
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -20,16 +17,15 @@ import pandas as pd
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DistributedSampler, RandomSampler
 
 from src import predictions
-from src.cnn.checkpoints import load_checkpoint, save_checkpoint
-from src.cnn.distributed import barrier, loader_for, predict_sharded, setup_distributed, unwrap
-from src.cnn.history import write_epochs
-from src.cnn.loop import Runtime, make_optimizer, train_one_epoch, validate
+from src.cnn.checkpoints import deployed_weights
+from src.cnn.distributed import barrier, predict_sharded, setup_distributed, shard_loader
+from src.cnn.fit import Progress, SeedRun, train_epochs
 from src.cnn.model import build_model
-from src.cnn.schedule import Phase, phase_at, phases_for
+from src.cnn.runtime import Runtime
+from src.cnn.sampling import seed_all
+from src.cnn.schedule import phases_for
 from src.config import Config, load_config
 from src.constants import FOLD_COL, ID_COL
 from src.data.cache import load_cache
@@ -37,12 +33,6 @@ from src.data.dataset import SliceDataset, build_augment
 from src.data.folds import load_folds
 from src.errors import InputError, run_cli
 from src.paths import WORK, resolve_data_dir
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 def split_fold(
@@ -63,27 +53,6 @@ def split_fold(
     return train, valid, images, masks
 
 
-@dataclass
-class Progress:
-    """What a resumed run carries over from last.pt; a fresh run starts from the defaults."""
-
-    start_epoch: int = 0
-    best: float = math.inf
-    stale: int = 0
-    history: list[dict] = field(default_factory=list)
-    stopped_early: bool = False
-    state: dict | None = None  # the checkpoint itself (optimizer state, phase)
-
-    @classmethod
-    def resume(cls, path: Path, cfg: Config, model: nn.Module) -> Progress:
-        state = load_checkpoint(path, cfg)
-        if state is None:
-            return cls()
-        unwrap(model).load_state_dict(state["model"])
-        return cls(state["epoch"], state["best"], state["stale"], state["history"],
-                   bool(state.get("stopped_early", False)), state)
-
-
 def prepare_data(cfg: Config, data_dir: Path, fold: int, rt: Runtime):
     """Caches and folds built once by rank 0, then each rank's train/valid datasets."""
     if rt.rank == 0:  # build caches and folds once, before the other ranks read them
@@ -99,85 +68,32 @@ def prepare_data(cfg: Config, data_dir: Path, fold: int, rt: Runtime):
     return train_meta, images, train_ds, valid_ds
 
 
-def prepare_model(cfg: Config, rt: Runtime) -> nn.Module:
+def prepare_model(cfg: Config, rt: Runtime, seed: int) -> nn.Module:
+    """The plain network of one seed on the device; fit.train_epochs wraps it (DDP, compile) phase by phase."""
+    seed_all(seed + rt.rank)  # the initial weights of this seed
     model = build_model(cfg).to(rt.device)
-    if rt.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    if rt.world > 1:
-        # find_unused_parameters: BloodNet's phases leave the decoder or the head out of the loss.
-        model = DistributedDataParallel(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None,
-                                        find_unused_parameters=cfg.arch != "classifier")
-    return model
+    return model.to(memory_format=torch.channels_last) if rt.channels_last else model
 
 
-def epoch_sampler(train_ds, cfg: Config, rt: Runtime, epoch: int):
-    if rt.world > 1:
-        sampler = DistributedSampler(train_ds, num_replicas=rt.world, rank=rt.rank, shuffle=True, seed=cfg.seed)
-        sampler.set_epoch(epoch)
-        return sampler
-    # Seeded by epoch, so an epoch re-run after a kill sees the same order.
-    return RandomSampler(train_ds, generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch))
+def mean_of_seeds(outs: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Probabilities and volumes averaged over seeds. Embeddings stay the first seed's: each seed learns its own
+    feature space, so a mean of embeddings would describe none of them."""
+    mean = {k: np.mean([o[k] for o in outs], axis=0) for k in outs[0] if k not in ("embedding", "index")}
+    return {**outs[0], **mean}
 
 
-def train_epochs(model: nn.Module, train_ds, valid_ds, cfg: Config, rt: Runtime, phases: list[Phase],
-                 progress: Progress, model_dir: Path, out_dir: Path, tag: str) -> None:
-    """The epoch loop: train, validate, keep best.pt and last.pt (resumable), stop early when stale."""
-    total_epochs = sum(p.epochs for p in phases)
-    weights = torch.tensor(cfg.class_weights, dtype=torch.float32, device=rt.device)
-    scaler = torch.amp.GradScaler("cuda", enabled=rt.amp_dtype == torch.float16)
-    optimizer, current_phase, state = None, None, progress.state
-    for epoch in range(progress.start_epoch, total_epochs):
-        if progress.stopped_early:
-            break
-        phase, epoch_in_phase = phase_at(phases, epoch)
-        if phase is not current_phase:
-            optimizer = make_optimizer(cfg, model, phase.head_only)
-            if state is not None and state.get("phase") == phase.name and state.get("optimizer"):
-                optimizer.load_state_dict(state["optimizer"])
-            if phase.name != (state or {}).get("phase"):
-                progress.stale = 0  # early stopping counts within a phase
-            current_phase = phase
-        loader = loader_for(train_ds, cfg, cfg.batch_size, epoch_sampler(train_ds, cfg, rt, epoch))
-        desc = f"{tag} epoch {epoch + 1}/{total_epochs} [{phase.name}]"
-        started = time.perf_counter()
-        row = {"epoch": epoch + 1, "phase": phase.name,
-               **train_one_epoch(model, loader, optimizer, scaler, phase, epoch_in_phase, cfg, rt, weights, desc),
-               "lr": optimizer.param_groups[0]["lr"]}  # the last step's: the schedule's value at the epoch's end
-        improved = valid_ds is None  # training on all folds: the last epoch is the model
-        if valid_ds is not None:
-            row.update(validate(model, valid_ds, cfg, rt, f"{tag} valid"))
-            # Segmentation-only epochs leave the head untrained: they never become "best".
-            if phase.seg_lambda < 1.0 and row["valid_wll"] < progress.best:
-                progress.best, progress.stale, improved = row["valid_wll"], 0, True
-            elif phase.seg_lambda < 1.0:
-                progress.stale += 1
-        row["epoch_time_s"] = time.perf_counter() - started
-        progress.history.append(row)
-        progress.stopped_early = bool(valid_ds is not None and cfg.early_stopping
-                                      and progress.stale >= cfg.early_stopping and phase is phases[-1])
-        if rt.rank == 0:
-            if improved:
-                save_checkpoint(model_dir / "best.pt", unwrap(model), cfg, epoch=epoch + 1)
-            save_checkpoint(model_dir / "last.pt", unwrap(model), cfg, epoch=epoch + 1, optimizer=optimizer,
-                            phase=phase.name, best=progress.best, stale=progress.stale, history=progress.history,
-                            stopped_early=progress.stopped_early)
-            write_epochs(progress.history, out_dir, tag)
-            shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}
-            print(f"[train] {shown}{'  *best*' if improved and valid_ds is not None else ''}", flush=True)
-        barrier(rt.world)
-        if progress.stopped_early and rt.rank == 0:
-            print(f"[train] early stop: no improvement for {cfg.early_stopping} epochs")
-
-
-def predict_outputs(model: nn.Module, cfg: Config, rt: Runtime, data_dir: Path, model_dir: Path, tag: str,
+def predict_outputs(model: nn.Module, cfg: Config, rt: Runtime, data_dir: Path, runs: list[SeedRun], tag: str,
                     train_meta: pd.DataFrame, images: np.ndarray, valid_ds) -> dict[str, tuple]:
-    """Predictions of the best checkpoint: OOF for the held-out fold, test, and embeddings for the stacker."""
-    chosen = model_dir / "best.pt" if (model_dir / "best.pt").exists() else model_dir / "last.pt"
-    unwrap(model).load_state_dict(torch.load(chosen, map_location="cpu", weights_only=False)["model"])
+    """Predictions of each seed's best checkpoint, averaged over seeds: OOF for the held-out fold, test, and
+    embeddings for the stacker."""
+    chosen = [r.model_dir / "best.pt" if (r.model_dir / "best.pt").exists() else r.model_dir / "last.pt" for r in runs]
 
     def predict(ds, tta: bool, desc: str) -> dict[str, np.ndarray]:
-        return predict_sharded(model, ds, cfg, rt.device, rt.world, rt.rank, rt.amp_dtype, rt.channels_last, tta,
-                               desc)
+        loader, outs = shard_loader(ds, cfg, rt.rank, rt.world), []
+        for path in chosen:
+            model.load_state_dict(deployed_weights(path))
+            outs.append(predict_sharded(model, loader, rt, tta, f"{desc} {path.parent.name}"))
+        return mean_of_seeds(outs)
 
     results = {}
     if valid_ds is not None:
@@ -192,7 +108,6 @@ def predict_outputs(model: nn.Module, cfg: Config, rt: Runtime, data_dir: Path, 
 def run_fold(cfg: Config, fold: int, data_dir: Path) -> Path:
     rank, world, device = setup_distributed()
     rt = Runtime.create(cfg, rank, world, device)
-    seed_everything(cfg.seed + rank)
     exp, tag = cfg.exp_name, (f"fold{fold}" if fold >= 0 else "full")
     model_dir, out_dir = WORK / "models" / exp / tag, predictions.exp_dir(exp)
     if rank == 0:
@@ -200,22 +115,25 @@ def run_fold(cfg: Config, fold: int, data_dir: Path) -> Path:
 
     train_meta, images, train_ds, valid_ds = prepare_data(cfg, data_dir, fold, rt)
     has_valid = valid_ds is not None
-    model = prepare_model(cfg, rt)
     phases = phases_for(cfg)
     total_epochs = sum(p.epochs for p in phases)
-    progress = Progress.resume(model_dir / "last.pt", cfg, model)
-    if rank == 0 and 0 < progress.start_epoch < total_epochs and not progress.stopped_early:
-        print(f"[train] resuming {tag} at epoch {progress.start_epoch + 1}/{total_epochs} from {model_dir / 'last.pt'}")
-    finished = progress.state is not None and (progress.start_epoch >= total_epochs or progress.stopped_early)
-
-    train_epochs(model, train_ds, valid_ds, cfg, rt, phases, progress, model_dir, out_dir, tag)
+    runs = SeedRun.all_for(cfg, model_dir, tag)
+    finished = True
+    for run in runs:
+        model = prepare_model(cfg, rt, run.seed)
+        progress = Progress.resume(run.model_dir / "last.pt", cfg, model)
+        if rank == 0 and 0 < progress.start_epoch < total_epochs and not progress.stopped_early:
+            print(f"[train] resuming {run.tag} at epoch {progress.start_epoch + 1}/{total_epochs} "
+                  f"from {run.model_dir / 'last.pt'}")
+        finished = finished and progress.finished(total_epochs)
+        train_epochs(model, train_ds, valid_ds, cfg, rt, phases, progress, run, out_dir)
 
     emb_splits = ("train", "test", "valid") if has_valid else ("train", "test")
     if finished and predictions.predictions_complete(out_dir, tag, has_valid, emb_splits):
         if rank == 0:
             print(f"[train] {tag} is complete: {out_dir}/{tag}_* (delete {model_dir} to train it again)")
         return out_dir
-    results = predict_outputs(model, cfg, rt, data_dir, model_dir, tag, train_meta, images, valid_ds)
+    results = predict_outputs(model, cfg, rt, data_dir, runs, tag, train_meta, images, valid_ds)
     if rank == 0:
         predictions.write_predictions(out_dir, tag, fold, results, cfg)
         print(f"[train] wrote {out_dir}/{tag}_*")

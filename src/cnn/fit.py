@@ -1,0 +1,128 @@
+"""The epoch loop of one seed of a fold: train, validate (the EMA weights when on), checkpoint, stop early; resumable.
+
+The loaders are built once per run with persistent workers; each epoch re-seeds the sampler, the augmentation
+(per item, see sampling.py) and the process RNGs from (seed, epoch), so a run resumed after a kill trains the
+same epochs on the same batches as one that was never interrupted.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from src.cnn.checkpoints import load_checkpoint, save_checkpoint
+from src.cnn.distributed import barrier, loader_for, shard_loader
+from src.cnn.history import write_epochs
+from src.cnn.loop import make_optimizer, train_one_epoch, validate
+from src.cnn.runtime import Runtime, make_ema, wrap_model
+from src.cnn.sampling import EpochSampler, SeededItems, seed_epoch
+from src.cnn.schedule import Phase, phase_at
+from src.config import Config
+
+
+@dataclass
+class SeedRun:
+    """One seed of a fold: its seed, checkpoint folder and epoch-log tag (seed 0 keeps the single-seed layout)."""
+
+    seed: int
+    model_dir: Path
+    tag: str
+
+    @classmethod
+    def all_for(cls, cfg: Config, fold_dir: Path, tag: str) -> list[SeedRun]:
+        return [cls(cfg.seed + i, fold_dir / f"seed{i}" if i else fold_dir, f"{tag}_seed{i}" if i else tag)
+                for i in range(max(1, cfg.seeds))]
+
+
+@dataclass
+class Progress:
+    """What a resumed run carries over from last.pt; a fresh run starts from the defaults."""
+
+    start_epoch: int = 0
+    best: float = math.inf
+    stale: int = 0
+    history: list[dict] = field(default_factory=list)
+    stopped_early: bool = False
+    state: dict | None = None  # the checkpoint itself (optimizer, scaler and EMA state, phase)
+
+    @classmethod
+    def resume(cls, path: Path, cfg: Config, core: nn.Module) -> Progress:
+        state = load_checkpoint(path, cfg)
+        if state is None:
+            return cls()
+        core.load_state_dict(state["model"])
+        return cls(state["epoch"], state["best"], state["stale"], state["history"],
+                   bool(state.get("stopped_early", False)), state)
+
+    def finished(self, total_epochs: int) -> bool:
+        return self.state is not None and (self.start_epoch >= total_epochs or self.stopped_early)
+
+
+def train_epochs(core: nn.Module, train_ds, valid_ds, cfg: Config, rt: Runtime, phases: list[Phase],
+                 progress: Progress, run: SeedRun, out_dir: Path) -> None:
+    """Train `core` (the plain network) from progress.start_epoch to the end of the schedule or an early stop."""
+    total_epochs = sum(p.epochs for p in phases)
+    weights = torch.tensor(cfg.class_weights, dtype=torch.float32, device=rt.device)
+    scaler = torch.amp.GradScaler("cuda", enabled=rt.amp_dtype == torch.float16)
+    state = progress.state or {}
+    if state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    ema = make_ema(core, cfg)
+    if ema is not None and state.get("ema"):
+        ema.module.load_state_dict(state["ema"])
+    sampler = EpochSampler(len(train_ds), run.seed, rt.rank, rt.world, limit=cfg.limit_train_batches * cfg.batch_size)
+    loader = loader_for(SeededItems(train_ds, run.seed), cfg, cfg.batch_size, sampler, persistent=True)
+    valid_loader = shard_loader(valid_ds, cfg, rt.rank, rt.world, persistent=True) if valid_ds is not None else None
+    steps_per_epoch = math.ceil(len(loader) / max(1, cfg.accumulate))
+    model, optimizer, current_phase = core, None, None
+    for epoch in range(progress.start_epoch, total_epochs):
+        if progress.stopped_early:
+            break
+        phase, epoch_in_phase = phase_at(phases, epoch)
+        if phase is not current_phase:
+            optimizer = make_optimizer(cfg, core, phase.head_only)
+            model = wrap_model(core, cfg, rt)  # after make_optimizer: DDP registers what this phase trains
+            if state.get("phase") == phase.name and state.get("optimizer"):
+                optimizer.load_state_dict(state["optimizer"])
+            if phase.name != state.get("phase"):
+                progress.stale = 0  # early stopping counts within a phase
+            current_phase = phase
+        seed_epoch(run.seed, epoch, rt.rank)
+        sampler.set_epoch(epoch)
+        desc = f"{run.tag} epoch {epoch + 1}/{total_epochs} [{phase.name}]"
+        started = time.perf_counter()
+        row = {"epoch": epoch + 1, "phase": phase.name,
+               **train_one_epoch(model, loader, optimizer, scaler, phase, epoch_in_phase, cfg, rt, weights, desc,
+                                 ema=ema, ema_step=epoch * steps_per_epoch),
+               "lr": optimizer.param_groups[0]["lr"]}  # the last step's: the schedule's value at the epoch's end
+        judged = ema.module if ema is not None else core  # the weights that are validated, kept and deployed
+        improved = valid_ds is None  # training on all folds: the last epoch is the model
+        if valid_ds is not None:
+            row.update(validate(judged, valid_loader, valid_ds, rt, f"{run.tag} valid"))
+            # Segmentation-only epochs leave the head untrained: they never become "best".
+            if phase.seg_lambda < 1.0 and row["valid_wll"] < progress.best:
+                progress.best, progress.stale, improved = row["valid_wll"], 0, True
+            elif phase.seg_lambda < 1.0:
+                progress.stale += 1
+        row["epoch_time_s"] = time.perf_counter() - started
+        progress.history.append(row)
+        progress.stopped_early = bool(valid_ds is not None and cfg.early_stopping
+                                      and progress.stale >= cfg.early_stopping and phase is phases[-1])
+        if rt.rank == 0:
+            if improved:
+                save_checkpoint(run.model_dir / "best.pt", judged, cfg, epoch=epoch + 1, ema_weights=ema is not None)
+            extra = {"ema": ema.module.state_dict()} if ema is not None else {}
+            save_checkpoint(run.model_dir / "last.pt", core, cfg, epoch=epoch + 1, optimizer=optimizer,
+                            phase=phase.name, best=progress.best, stale=progress.stale, history=progress.history,
+                            stopped_early=progress.stopped_early, scaler=scaler.state_dict(), **extra)
+            write_epochs(progress.history, out_dir, run.tag)
+            shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}
+            print(f"[train] {shown}{'  *best*' if improved and valid_ds is not None else ''}", flush=True)
+        barrier(rt.world)
+        if progress.stopped_early and rt.rank == 0:
+            print(f"[train] early stop: no improvement for {cfg.early_stopping} epochs")

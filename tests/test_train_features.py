@@ -1,0 +1,99 @@
+"""Fold runs with the engine's features on the tiny synthetic set: an exact resume (augmentation, dropout, EMA and
+accumulation included) and `seeds: n` averaged into the fold's predictions."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from src.cnn import fit
+from src.cnn.checkpoints import load_model
+from src.cnn.distributed import loader_for
+from src.cnn.predict import predict_loader
+from src.cnn.train import run_fold
+from src.config import load_config
+from src.constants import LABELS
+from src.data.dataset import SliceDataset
+from src.paths import WORK
+from src.predictions import exp_dir
+
+FAST = ["arch=classifier", "backbone=resnet10t", "image_size=64", "batch_size=8", "tta_flip=false",
+        "limit_train_batches=2"]
+
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def config(data_dir, exp, *extra):
+    cfg = load_config(None, [*FAST, f"exp={exp}", *extra])
+    cfg.data_dir = str(data_dir)
+    return cfg
+
+
+def checkpoint(exp: str, fold: int, name: str = "last.pt", seed_dir: str = "") -> dict:
+    return torch.load(WORK / "models" / exp / f"fold{fold}" / seed_dir / name, map_location="cpu", weights_only=False)
+
+
+def test_resumed_run_equals_uninterrupted_run(tiny_data, monkeypatch):
+    # Augmentation (default aug), dropout (drop_rate 0.1), EMA and accumulation all draw on or carry state that a
+    # resume must restore; the resumed run also loads through a persistent worker, the reference in-process.
+    features = ["epochs=2", "ema=true", "accumulate=2"]
+    real_write = fit.write_epochs
+
+    def die_after(epochs: int):
+        def write_then_die(history, out_dir, tag):
+            real_write(history, out_dir, tag)
+            if len(history) == epochs:
+                raise KeyboardInterrupt  # killed right after this epoch's checkpoint
+
+        monkeypatch.setattr(fit, "write_epochs", write_then_die)
+
+    die_after(2)  # both runs stop after epoch 2's checkpoint: the final predictions are not under test here
+    with pytest.raises(KeyboardInterrupt):
+        run_fold(config(tiny_data, "t_exact_ref", *features, "num_workers=0"), 0, tiny_data)
+    die_after(1)
+    with pytest.raises(KeyboardInterrupt):
+        run_fold(config(tiny_data, "t_exact_kill", *features, "num_workers=1"), 0, tiny_data)
+    assert checkpoint("t_exact_kill", 0)["epoch"] == 1
+    die_after(2)
+    with pytest.raises(KeyboardInterrupt):
+        run_fold(config(tiny_data, "t_exact_kill", *features, "num_workers=1"), 0, tiny_data)
+
+    ref, resumed = checkpoint("t_exact_ref", 0), checkpoint("t_exact_kill", 0)
+    assert ref["epoch"] == resumed["epoch"] == 2
+    for part in ("model", "ema"):
+        for name, value in ref[part].items():
+            assert torch.equal(resumed[part][name], value), f"{part}.{name} differs after resume"
+    # The EMA copy is a different set of weights, and it is what best.pt keeps.
+    assert any(not torch.equal(ref["ema"][k], ref["model"][k]) for k in ref["model"])
+    assert checkpoint("t_exact_ref", 0, "best.pt")["ema_weights"] is True
+    epochs = [pd.read_csv(exp_dir(e) / "fold0_epochs.csv") for e in ("t_exact_ref", "t_exact_kill")]
+    np.testing.assert_array_equal(epochs[0]["valid_wll"], epochs[1]["valid_wll"])
+
+
+def test_seeds_are_averaged_into_the_fold_predictions(tiny_data):
+    cfg = config(tiny_data, "t_seeds", "epochs=1", "seeds=2", "num_workers=0", "limit_train_batches=2")
+    out_dir = run_fold(cfg, 3, tiny_data)
+    assert (WORK / "models" / "t_seeds" / "fold3" / "seed1" / "best.pt").exists()
+    assert (out_dir / "fold3_epochs.csv").exists() and (out_dir / "fold3_seed1_epochs.csv").exists()
+    valid = pd.read_csv(out_dir / "fold3_valid.csv")
+
+    per_seed = []
+    for seed_dir in ("", "seed1"):
+        model, _ = load_model(WORK / "models" / "t_seeds" / "fold3" / seed_dir / "best.pt")
+        meta = pd.read_csv(out_dir / "fold3_valid_emb_ids.csv")
+        ds = SliceDataset(*_valid_split(tiny_data, cfg, meta), cfg.context)
+        pred = predict_loader(model, loader_for(ds, cfg, 16), torch.device("cpu"), progress=False)
+        per_seed.append(pred["probs"])
+    assert not np.allclose(per_seed[0], per_seed[1], atol=1e-4)  # two seeds, two different models
+    np.testing.assert_allclose(valid[list(LABELS)].to_numpy(), np.mean(per_seed, axis=0), rtol=1e-4, atol=1e-6)
+
+
+def _valid_split(data_dir, cfg, ids: pd.DataFrame):
+    from src.cnn.train import split_fold
+
+    _, valid, images, _ = split_fold(cfg, data_dir, 3)
+    assert list(valid["ID"]) == list(ids["ID"])  # the OOF rows in the order they were written
+    return valid, images

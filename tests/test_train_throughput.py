@@ -1,0 +1,49 @@
+"""bench/train_throughput.py: its CPU mode says it measured the CPU, and its GPU-mode rows run (here on the CPU)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+import torch
+
+from src.cnn.runtime import Runtime
+from src.config import load_config
+from src.data.cache import load_cache
+from src.paths import ROOT, WORK
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+SMALL = ["arch=classifier", "backbone=resnet10t", "image_size=64", "batch_size=4", "num_workers=0"]
+
+
+def bench_module():
+    spec = importlib.util.spec_from_file_location("train_throughput", ROOT / "bench" / "train_throughput.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_cpu_mode_says_it_measured_the_cpu(tiny_data, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    sets = [arg for s in SMALL for arg in ("--set", s)]
+    bench_module().main(["--data", str(tiny_data), "--batches", "3", *sets])
+    result = json.loads((WORK / "bench" / "train_throughput.json").read_text())
+    assert result["device"] == "cpu" and result["backbone"] == "resnet10t"
+    assert result["loader_images_per_s"] > 0 and result["train_images_per_s"] > 0
+    assert result["loader_to_train_ratio"] == result["loader_images_per_s"] / result["train_images_per_s"]
+    assert (WORK / "bench" / "train_throughput.md").read_text().startswith("CPU mode (no CUDA device found")
+
+
+def test_gpu_mode_rows_run_on_any_device(tiny_data):
+    bench = bench_module()
+    cfg = load_config(None, SMALL)
+    meta, images, _ = load_cache(tiny_data, 64, "train")
+    cpu = Runtime(rank=0, world=1, device=torch.device("cpu"), amp_dtype=None, channels_last=False)
+    rows = bench.accelerator_rows(cfg, meta, images, cpu, ["resnet10t"], [48], [False], batches=2, batch=4)
+    (row,) = rows
+    assert row["image_size"] == 48 and row["batch"] == 4
+    assert row["model_images_per_s"] > 0 and row["loader_images_per_s"] > 0
+    assert "| resnet10t | 48 |" in bench.gpu_table(rows)
+    ds = bench.resized_dataset(meta, images, cfg, 48, n=5)
+    assert ds[0]["image"].shape == (3, 48, 48) and len(ds) == 5
