@@ -16,7 +16,9 @@ from src.config import AugConfig, Config
 from src.errors import InputError
 
 # Keys that may change between a kill and a resume without invalidating the checkpoint.
-RESUME_SAFE_KEYS = {"num_workers", "tta_flip"}
+# data_dir: the same data under another path (a notebook's input mount) resumes; other data is refused by the fold
+# split recorded in the model folder (src/data/folds.py guard_model_split), which covers every image ID.
+RESUME_SAFE_KEYS = {"num_workers", "tta_flip", "data_dir"}
 
 
 def save_checkpoint(path: Path, model: nn.Module, cfg: Config, epoch: int, optimizer=None, **extra: Any) -> None:

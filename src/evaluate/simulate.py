@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from src.constants import FOLD_COL, ID_COL, SERIES, SLICE_INDEX, STUDY
+from src.constants import FOLD_COL, ID_COL, PATIENT, SERIES, SLICE_INDEX, STUDY
 
 LABEL = "any"
 SCALES = (0.9, 0.95, 1.0, 1.05, 1.1)  # per fold model: the spread of its logits
@@ -32,7 +32,7 @@ def _studies(rng: np.random.Generator, n_studies: int, slices: int, prevalence: 
     names = np.array([f"{tag}{s:05d}" for s in range(n_studies)])
     return pd.DataFrame({
         ID_COL: [f"ID_{tag}{s:05d}_{i:02d}" for s, i in zip(study, k)],
-        "PatientID": names[study], STUDY: names[study], SERIES: names[study], SLICE_INDEX: k,
+        PATIENT: names[study], STUDY: names[study], SERIES: names[study], SLICE_INDEX: k,
         f"true_{LABEL}": y.astype(np.int8), "latent": latent,
     })
 
