@@ -35,8 +35,9 @@ def leveled_markdown(table: pd.DataFrame, levels: Sequence[str], run: int) -> st
 def deployed_text(thresholds: dict) -> str:
     deployed = thresholds.get("deployed")
     if not deployed or len(deployed.get("members", [])) < 2:
-        return ("The test predictions come from one model, the one whose scale the thresholds were chosen on, so "
-                "thresholds.json's `threshold` applies to them as chosen.\n")
+        return ("The test predictions come from one file, not from the fold test files of two folds or more, so "
+                "thresholds.json's `threshold` is the one chosen on the OOF rows. Where that file averages several "
+                "models (a stacker's CV models), its probabilities may be somewhat shrunk against the OOF ones.\n")
     return (f"The test predictions (and triage) are the {deployed['scale']}; averaging shrinks probabilities, so "
             f"an OOF threshold would mean another operating point there. thresholds.json's `threshold` is therefore "
             f"the ensemble's: {deployed['how']} ({deployed['n_images']} test images, no labels used); "
