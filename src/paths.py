@@ -73,6 +73,8 @@ def _data_home(data_dir: Path, suffix: str) -> Path:
     own = WORK / "cache" / f"{data_dir.name}-{hashlib.sha1(str(data_dir).encode()).hexdigest()[:8]}-{suffix}"
     if own.is_dir() and (own / DATA_STAMP).exists():
         return own
+    if (own, str(data_dir)) in _ADOPTED:  # found once per process: the search lists the data and says so once
+        return _ADOPTED[own, str(data_dir)]
     identity = data_identity(data_dir)
     if not own.is_dir():
         for other in sorted((WORK / "cache").glob(f"*-{suffix}")):
@@ -82,9 +84,13 @@ def _data_home(data_dir: Path, suffix: str) -> Path:
                 continue
             if stamp.get("identity") == identity:
                 print(f"{data_dir}: same data as {stamp.get('data_dir')}; using {other}")
+                _ADOPTED[own, str(data_dir)] = other
                 return other
     write_json({"identity": identity, "data_dir": str(data_dir)}, own / DATA_STAMP)
     return own
+
+
+_ADOPTED: dict[tuple[Path, str], Path] = {}
 
 
 def cache_dir(data_dir: Path, image_size: int) -> Path:

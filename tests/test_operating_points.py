@@ -134,6 +134,9 @@ def test_deploy_thresholds_keeps_the_json_shape():
     for level, labels in saved["levels"].items():
         point, moved = labels[LABEL]["0.7"], deployed["levels"][level][LABEL]["0.7"]
         assert moved["threshold_oof"] == point["threshold"] and moved["precision"] == point["precision"]
+    short = {**members, 1: members[1].iloc[1:]}
+    with pytest.raises(InputError, match=r"fold1_test\.csv: no prediction for 1 test image"):
+        deploy_thresholds(saved, short, test, names=[LABEL])
     one = deploy_thresholds(saved, {0: members[0]}, test, names=[LABEL])
     assert one["levels"] == saved["levels"] and "one fold model" in one["deployed"]["scale"]
     ens = pd.concat(members.values()).groupby(ID_COL, sort=False)[LABEL].mean()

@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from src.constants import ID_COL, LABELS
+from src.errors import InputError
 from src.evaluate.thresholds import RADNET_RUN, aggregate_studies
 
 SCALE_OOF = "one fold model (OOF rows), as chosen"
@@ -60,7 +61,8 @@ def deploy_thresholds(thresholds: dict, members: dict[int, pd.DataFrame], meta: 
         at = row_of.get_indexer(frame[ID_COL])
         probs[at[at >= 0]] = frame.loc[at >= 0, list(names)].to_numpy(dtype=np.float64)
         if np.isnan(probs).any():
-            raise ValueError(f"fold {fold}'s test predictions miss {int(np.isnan(probs).any(axis=1).sum())} rows")
+            raise InputError(f"fold{fold}_test.csv: no prediction for {int(np.isnan(probs).any(axis=1).sum())} test "
+                             "image(s) the other folds predict; re-run that fold's prediction")
         tables.append(probs)
     run = int(thresholds.get("radnet_run", RADNET_RUN))
     member_levels = [level_scores(rows, p, run, names) for p in tables]
