@@ -147,3 +147,13 @@ def test_test_predictions_average_exactly_the_fold_files(tmp_path, capsys):
     shutil.copy(pred / "full_test.csv", pred / "old_test.csv")
     with pytest.raises(InputError, match=r"full_test\.csv, old_test\.csv"):
         load_test_predictions(pred)
+
+
+def test_run_record_carries_the_fold_split(tmp_path):
+    from src.predictions import recorded_split, write_predictions
+
+    meta = pd.DataFrame({ID_COL: ["ID_x", "ID_y"]})
+    results = {"test": (meta, {"probs": np.full((2, len(LABELS)), 0.5)})}
+    split = {"file": "folds/x.csv", "sha1": "f" * 40}
+    write_predictions(tmp_path, "fold3", 3, results, Config(), split)
+    assert recorded_split(tmp_path, 3) == split and recorded_split(tmp_path, 4) == {}
