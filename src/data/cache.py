@@ -6,6 +6,7 @@ import argparse
 import hashlib
 import json
 import os
+import sys
 import time
 from multiprocessing import Pool
 from pathlib import Path
@@ -18,7 +19,7 @@ from tqdm import tqdm
 from src import paths
 from src.atomic import write_csv, write_json
 from src.constants import ID_COL, WINDOWS
-from src.data import dicom, dicom_fast
+from src.data import dicom
 from src.data.dicom import DicomError, mask_to_size
 from src.data.dicom_fast import read_channels
 from src.data.metadata import load_metadata
@@ -55,9 +56,11 @@ def _plan(meta: pd.DataFrame, split: str) -> pd.DataFrame:
 
 
 def _code_version() -> str:
-    """sha1 of the code that turns DICOM into cached pixels: a change there must not leave old pixels in use."""
+    """sha1 of the code that turns DICOM into cached pixels (the modules of the reader, the mask resizer and the
+    slow-path reader it mirrors): a change there must not leave old pixels in use."""
+    modules = {sys.modules[f.__module__] for f in (read_channels, mask_to_size)} | {dicom}
     h = hashlib.sha1()
-    for module in (dicom, dicom_fast):
+    for module in sorted(modules, key=lambda m: m.__name__):
         h.update(Path(module.__file__).read_bytes())
     return h.hexdigest()
 
