@@ -8,6 +8,7 @@ One row per slice: `ID`, `fold`, the six probabilities in LABELS order (never lo
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -53,13 +54,74 @@ def read_prediction_csv(path: Path, need_fold: bool = False) -> pd.DataFrame:
 
 
 def fold_files(pred_dir: Path, split: str) -> dict[int, Path]:
-    """{K: oof/<exp>/fold{K}_{split}.csv} for every numbered fold present, in fold order."""
+    """{K: oof/<exp>/fold{K}_{split}.csv} for every numbered fold present, in fold order; refuses files made with
+    different fold splits, or with a folds file that has changed since (check_fold_split)."""
     files = {}
     for path in Path(pred_dir).glob(f"fold*_{split}.csv"):
         tag = path.name[len("fold") : -len(f"_{split}.csv")]
         if tag.isdigit():
             files[int(tag)] = path
-    return dict(sorted(files.items()))
+    files = dict(sorted(files.items()))
+    check_fold_split(Path(pred_dir), files)
+    return files
+
+
+def recorded_split(pred_dir: Path, fold: int) -> dict:
+    """The fold split a fold's outputs were made with ({"file", "sha1"} from fold{K}_run.json), {} if unrecorded."""
+    path = Path(pred_dir) / f"fold{fold}_run.json"
+    if not path.exists():
+        return {}
+    try:
+        return json.loads(path.read_text()).get("folds") or {}
+    except (OSError, json.JSONDecodeError) as err:
+        raise InputError(f"{path}: unreadable run record ({err})") from err
+
+
+def check_fold_split(pred_dir: Path, files: dict[int, Path]) -> str | None:
+    """The one fold split behind `files` (its sha1; None when no run record names it); InputError naming the files
+    when they come from different splits, or when their folds file now holds another split (the data changed)."""
+    by_split: dict[str, list[str]] = {}
+    for fold, path in files.items():
+        split = recorded_split(pred_dir, fold)
+        if split.get("sha1"):
+            by_split.setdefault(split["sha1"], []).append(path.name)
+            now = split_digest(Path(split["file"])) if split.get("file") else None
+            if now is not None and now != split["sha1"]:
+                raise InputError(f"{path}: made with fold split {split['sha1'][:10]}, but {split['file']} now holds "
+                                 f"{now[:10]}: that fold was trained on other folds; re-run it (delete its model dir)")
+    if len(by_split) > 1:
+        shown = "; ".join(f"{', '.join(names)} with split {sha[:10]}" for sha, names in by_split.items())
+        raise InputError(f"{pred_dir}: predictions from different fold splits ({shown}); re-run the stale folds")
+    return next(iter(by_split), None)
+
+
+def split_digest(folds_csv: Path) -> str | None:
+    """sha1 of a folds file's (ID, fold) assignment, independent of row order; None when the file is absent."""
+    if not folds_csv.exists():
+        return None
+    stat = folds_csv.stat()
+    key = (str(folds_csv.resolve()), stat.st_mtime_ns, stat.st_size)
+    if key not in _DIGESTS:  # 752k rows: read once per process, not once per fold file
+        _DIGESTS[key] = _read_split_digest(folds_csv)
+    return _DIGESTS[key]
+
+
+_DIGESTS: dict[tuple, str] = {}
+
+
+def _read_split_digest(folds_csv: Path) -> str:
+    try:
+        folds = pd.read_csv(folds_csv, usecols=[ID_COL, FOLD_COL], dtype={ID_COL: str})
+    except (OSError, ValueError, pd.errors.ParserError) as err:
+        raise InputError(f"{folds_csv}: unreadable folds file ({err})") from err
+    return fold_assignment_digest(folds)
+
+
+def fold_assignment_digest(folds: pd.DataFrame) -> str:
+    """sha1 of the (ID, fold) pairs sorted by ID: two folds tables get the same digest iff they split alike."""
+    pairs = folds[[ID_COL, FOLD_COL]].sort_values(ID_COL, kind="mergesort")
+    text = "\n".join(f"{i},{int(f)}" for i, f in pairs.itertuples(index=False, name=None))
+    return hashlib.sha1(text.encode()).hexdigest()
 
 
 def read_prediction_files(pred_dir: str | Path, split: str) -> list[tuple[Path, pd.DataFrame]]:
@@ -73,6 +135,7 @@ def read_prediction_files(pred_dir: str | Path, split: str) -> list[tuple[Path, 
 
 def load_valid_predictions(pred_dir: str | Path) -> pd.DataFrame:
     """All `*_valid.csv` of a prediction directory concatenated; an ID in two files is an error naming both."""
+    fold_files(Path(pred_dir), "valid")  # refuses OOF of different fold splits before anything is read
     parts = [df.assign(source=path.name) for path, df in read_prediction_files(pred_dir, "valid")]
     valid = pd.concat(parts, ignore_index=True)
     dup = valid[ID_COL].duplicated(keep=False)
@@ -93,10 +156,27 @@ def mean_over_folds(parts: Sequence[pd.DataFrame]) -> pd.DataFrame:
     return stacked.groupby(ID_COL, sort=False)[num].mean().reset_index()
 
 
+def load_fold_test_predictions(pred_dir: str | Path) -> dict[int, pd.DataFrame]:
+    """{K: ID + six probabilities of fold K's model on the test images}, for the folds of one fold split."""
+    return {k: read_prediction_csv(path)[[ID_COL, *LABELS]] for k, path in fold_files(Path(pred_dir), "test").items()}
+
+
 def load_test_predictions(pred_dir: str | Path) -> pd.DataFrame:
-    """ID + six probabilities: the mean over every `*_test.csv` in pred_dir (e.g. one per fold), per ID."""
-    parts = [df[[ID_COL, *LABELS]] for _, df in read_prediction_files(pred_dir, "test")]
-    return mean_over_folds(parts)[[ID_COL, *LABELS]]
+    """ID + six probabilities: the mean over exactly the fold{K}_test.csv of one fold split when there are any
+    (other *_test.csv, e.g. a stale or all-folds model's, are named and left out); otherwise the directory's one
+    *_test.csv (a stacker's); several unnumbered ones are an error naming them."""
+    pred_dir = Path(pred_dir)
+    members = load_fold_test_predictions(pred_dir)
+    others = sorted(p.name for p in pred_dir.glob("*_test.csv") if p.name not in {f"fold{k}_test.csv" for k in members})
+    if members:
+        if others:
+            print(f"note: {pred_dir}: averaging fold{','.join(map(str, members))}_test.csv only; left out "
+                  f"{', '.join(others)}")
+        return mean_over_folds(list(members.values()))[[ID_COL, *LABELS]]
+    if len(others) > 1:
+        raise InputError(f"{pred_dir}: several test prediction files and no fold{{K}}_test.csv ({', '.join(others)}); "
+                         "point --pred at a folder holding one model's")
+    return read_prediction_files(pred_dir, "test")[0][1][[ID_COL, *LABELS]]
 
 
 def read_embeddings(pred_dir: Path, fold: int, split: str, ids: pd.Series) -> np.ndarray | None:
@@ -139,8 +219,10 @@ def prediction_frame(meta: pd.DataFrame, pred: dict[str, np.ndarray], fold: int)
     return frame
 
 
-def write_predictions(out_dir: Path, tag: str, fold: int, results: dict[str, tuple], cfg: Config) -> None:
-    """fold{K}_valid.csv / _test.csv, their embeddings, metrics and the run record (written last: it marks done)."""
+def write_predictions(out_dir: Path, tag: str, fold: int, results: dict[str, tuple], cfg: Config,
+                      fold_split: dict | None = None) -> None:
+    """fold{K}_valid.csv / _test.csv, their embeddings, metrics and the run record (written last: it marks done).
+    fold_split ({"file", "sha1"} of the folds file used) goes into the record: readers refuse to mix splits."""
     for split, (meta, pred) in results.items():
         if split != "train":
             write_csv(prediction_frame(meta, pred, fold), out_dir / f"{tag}_{split}.csv")
@@ -148,6 +230,8 @@ def write_predictions(out_dir: Path, tag: str, fold: int, results: dict[str, tup
             write_npy(pred["embedding"].astype(np.float16), out_dir / f"{tag}_{split}_emb.npy")
             write_csv(meta[[ID_COL]], out_dir / f"{tag}_{split}_emb_ids.csv")
     record = run_record(cfg)
+    if fold_split:
+        record["folds"] = fold_split
     if "valid" in results:
         meta, pred = results["valid"]
         record["metrics"] = score_table(meta[list(LABELS)].to_numpy(), pred["probs"])

@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parent.parent
 TINY = ["--set", "image_size=64", "--set", "seg_epochs=1", "--set", "head_epochs=1", "--set", "joint_epochs=1",
         "--set", "limit_train_batches=2", "--set", "batch_size=16", "--set", "num_workers=0",
         # The stage sections travel with --set too: fewer stacker fits and bootstrap resamples keep it a smoke test.
-        "--set", "stack.n_inner=2", "--set", "report.n_boot=50"]
+        "--set", "stack.n_inner=3", "--set", "report.n_boot=50"]
 
 
 def run_fold(args: list[str], data: Path, out: Path) -> subprocess.CompletedProcess:

@@ -75,8 +75,17 @@ def test_threshold_table_matches_brute_force():
             assert (got.threshold, got.tp, got.fp) == best
 
 
-def test_any_sweep_is_the_papers_grid():
-    assert ANY_SWEEP == (0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9, 0.95)
+def test_any_sweep_trades_recall_for_precision(tmp_path):
+    meta, preds = _crafted(n_studies=40, seed=7)
+    build_report(preds.assign(source="fold0_valid.csv"), meta, tmp_path, [0.7], n_boot=20)
+    for name in ("any_sweep", "any_sweep_heldout"):
+        sweep = pd.read_csv(tmp_path / f"{name}.csv")
+        for level, part in sweep.groupby("level"):
+            assert part["target_precision"].tolist() == list(ANY_SWEEP), (name, level)
+            reached = part[part["precision"].notna()]
+            if name == "any_sweep":  # in-sample: each point meets its target, higher targets never gain recall
+                assert (reached["precision"] >= reached["target_precision"] - 1e-9).all()
+                assert reached["recall"].is_monotonic_decreasing and len(reached) >= 3
 
 
 def _series_frame():
@@ -179,6 +188,18 @@ def test_build_report_writes_consistent_files(tmp_path):
     sweep = pd.read_csv(out / "any_sweep.csv")
     assert len(sweep) == 20 and set(sweep["level"]) == {"slice", "study_max"}
     assert len(pd.read_csv(out / "folds.csv")) == 3
+    # Held-out figures beside the in-sample ones, and report.md says how each was made.
+    point = saved["levels"]["slice"]["any"]["0.7"]
+    held = pd.read_csv(out / "heldout_thresholds.csv").query("level == 'slice' and label == 'any' and "
+                                                            "target_precision == 0.7").iloc[0]
+    assert point["heldout"]["precision"] == pytest.approx(held["precision"])
+    assert point["heldout"]["precision_ci"] == pytest.approx([held["precision_lo"], held["precision_hi"]])
+    assert held["tp"] + held["fp"] + held["fn"] + held["tn"] == len(preds)
+    assert "leave one CNN fold out (2 folds" in saved["heldout_method"]
+    assert "How each threshold was chosen" in text and "Where its figures were measured" in text
+    assert "precision held-out [95% CI]" in text and "optimistic" in text
+    both = pd.read_csv(out / "operating_points.csv")
+    assert len(both) == len(pd.read_csv(out / "heldout_thresholds.csv")) == 3 * 6 * 2
 
 
 def test_thresholds_reproduce_their_table_when_applied(tmp_path):
@@ -221,7 +242,9 @@ def test_cli_report_then_triage(tmp_path, monkeypatch, capsys):
         preds[preds["fold"] == fold].to_csv(pred_dir / f"fold{fold}_valid.csv", index=False)
     test_meta, test_preds = _crafted(n_studies=4, per_study=10, seed=5)
     test_meta = test_meta.drop(columns=list(LABELS))
-    test_preds.assign(fold=-1).to_csv(pred_dir / "fold-1_test.csv", index=False)
+    for fold, scale in ((0, 0.6), (1, 1.0)):  # two fold models: the thresholds move to their mean's scale
+        test_preds.assign(fold=fold, **{c: test_preds[c] * scale for c in LABELS}).to_csv(
+            pred_dir / f"fold{fold}_test.csv", index=False)
     fake = lambda data_dir, split: meta if split == "train" else test_meta  # noqa: E731
     monkeypatch.setattr("src.evaluate.report.load_meta", fake)
     argv = ["--pred", str(pred_dir), "--data", str(tmp_path), "--set", "report.n_boot=500", "--n-boot", "20",
@@ -233,10 +256,13 @@ def test_cli_report_then_triage(tmp_path, monkeypatch, capsys):
     studies = pd.read_csv(pred_dir / "report" / "triage_studies.csv")
     assert len(images) == 40 and len(studies) == 4
     saved = json.loads((pred_dir / "report" / "thresholds.json").read_text())
-    t = saved["levels"]["study_max"]["any"]["0.7"]["threshold"]
-    assert (studies["max_any_p70"] == (studies["max_any"] >= t)).all()
+    point = saved["levels"]["study_max"]["any"]["0.7"]
+    assert (studies["max_any_p70"] == (studies["max_any"] >= point["threshold"])).all()
+    assert point["threshold"] < point["threshold_oof"] and saved["deployed"]["members"] == [0, 1]
+    assert "mean of 2 fold models" in (pred_dir / "report" / "report.md").read_text()
     assert "weighted log loss" in capsys.readouterr().out
     # --triage-only reuses the saved thresholds; the result is the same.
     assert triage(test_preds, test_meta, saved, tmp_path)["n_studies"] == 4
+    assert pd.read_csv(tmp_path / "triage_studies.csv").shape[0] == 4
     with pytest.raises(InputError, match="--precisions"):
         main(["--pred", str(pred_dir), "--precisions", "0.7,abc"])

@@ -16,8 +16,10 @@ from src.config import AFTER_TRAINING_SECTIONS, Config
 from src.errors import InputError
 
 # Keys that may change between a kill and a resume without invalidating the checkpoint.
-# `seeds` may grow: the seeds already trained are kept and the new ones train beside them.
-RESUME_SAFE_KEYS = {"num_workers", "tta_flip", "log_every", "compile", "seeds", *AFTER_TRAINING_SECTIONS}
+# `seeds` may grow: the seeds already trained are kept and the new ones train beside them. data_dir: the same data
+# under another path (a notebook's input mount) resumes; other data is refused by the fold split recorded in the
+# model folder (src/data/folds.py guard_model_split), which covers every image ID.
+RESUME_SAFE_KEYS = {"num_workers", "tta_flip", "log_every", "compile", "seeds", "data_dir", *AFTER_TRAINING_SECTIONS}
 
 
 def save_checkpoint(path: Path, model: nn.Module, cfg: Config, epoch: int, optimizer=None, **extra: Any) -> None:

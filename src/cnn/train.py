@@ -30,7 +30,7 @@ from src.config import Config, load_config
 from src.constants import FOLD_COL, ID_COL
 from src.data.cache import load_cache
 from src.data.dataset import SliceDataset, build_augment
-from src.data.folds import load_folds
+from src.data.folds import fold_split, guard_model_split, load_folds
 from src.errors import InputError, run_cli
 from src.paths import WORK, resolve_data_dir
 
@@ -114,6 +114,8 @@ def run_fold(cfg: Config, fold: int, data_dir: Path) -> Path:
         print(f"[train] exp={exp} {tag} data={data_dir} device={device} world={world}")
 
     train_meta, images, train_ds, valid_ds = prepare_data(cfg, data_dir, fold, rt)
+    split = fold_split(data_dir, cfg.n_folds, cfg.fold_seed)
+    guard_model_split(model_dir, split, write=rank == 0)  # before resuming: last.pt may predate a new split
     has_valid = valid_ds is not None
     phases = phases_for(cfg)
     total_epochs = sum(p.epochs for p in phases)
@@ -135,7 +137,7 @@ def run_fold(cfg: Config, fold: int, data_dir: Path) -> Path:
         return out_dir
     results = predict_outputs(model, cfg, rt, data_dir, runs, tag, train_meta, images, valid_ds)
     if rank == 0:
-        predictions.write_predictions(out_dir, tag, fold, results, cfg)
+        predictions.write_predictions(out_dir, tag, fold, results, cfg, split)
         print(f"[train] wrote {out_dir}/{tag}_*")
     barrier(world)
     if world > 1:

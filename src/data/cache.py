@@ -6,6 +6,7 @@ import argparse
 import hashlib
 import json
 import os
+import sys
 import time
 from multiprocessing import Pool
 from pathlib import Path
@@ -18,6 +19,7 @@ from tqdm import tqdm
 from src import paths
 from src.atomic import write_csv, write_json
 from src.constants import ID_COL, WINDOWS
+from src.data import dicom
 from src.data.dicom import DicomError
 from src.data.dicom_fast import read_channels
 from src.data.metadata import load_metadata
@@ -39,6 +41,7 @@ def _files(data_dir: Path, size: int, split: str) -> dict[str, Path]:
         "index": d / f"index_{split}.csv",
         "bad": d / f"bad_files_{split}.csv",
         "progress": d / f"progress_{split}.json",
+        "info": d / f"cache_{split}.json",  # written last: the fingerprint a complete cache was built with
     }
 
 
@@ -53,8 +56,20 @@ def _plan(meta: pd.DataFrame, split: str) -> pd.DataFrame:
     return plan
 
 
-def _fingerprint(plan: pd.DataFrame, size: int, chunk_rows: int) -> str:
-    h = hashlib.sha1(f"{size}|{chunk_rows}|{int((plan['mask_row'] >= 0).sum())}|".encode())
+def _code_version() -> str:
+    """sha1 of the code that turns DICOM into cached pixels (the modules of the reader, the mask resizer and the
+    slow-path reader it mirrors): a change there must not leave old pixels in use."""
+    modules = {sys.modules[f.__module__] for f in (read_channels, mask_to_size)} | {dicom}
+    h = hashlib.sha1()
+    for module in sorted(modules, key=lambda m: m.__name__):
+        h.update(Path(module.__file__).read_bytes())
+    return h.hexdigest()
+
+
+def _fingerprint(plan: pd.DataFrame, size: int) -> str:
+    """What the cached values depend on: the images (IDs, in order), masks, image size, windows and writer code."""
+    h = hashlib.sha1(f"{size}|{int((plan['mask_row'] >= 0).sum())}|{WINDOWS!r}|".encode())
+    h.update(_code_version().encode())
     h.update("\n".join(plan[ID_COL]).encode())
     return h.hexdigest()
 
@@ -99,13 +114,16 @@ def _process_chunk(task: dict) -> tuple[int, list[list]]:
     return task["chunk"], bad
 
 
-def _is_complete(files: dict[str, Path], plan: pd.DataFrame, size: int) -> bool:
-    if not (files["index"].exists() and files["images"].exists()):
+def _is_complete(files: dict[str, Path], plan: pd.DataFrame, size: int, fingerprint: str) -> bool:
+    if not (files["index"].exists() and files["images"].exists() and files["info"].exists()):
         return False
     try:
+        if json.loads(files["info"].read_text()).get("fingerprint") != fingerprint:
+            print(f"{files['images']}: built from other images, size, windows or code; rebuilding")
+            return False
         index = pd.read_csv(files["index"], dtype={ID_COL: str})
         images = np.load(files["images"], mmap_mode="r")
-    except (OSError, ValueError, pd.errors.ParserError):
+    except (OSError, ValueError, pd.errors.ParserError):  # json.JSONDecodeError is a ValueError
         return False
     if images.shape != (len(plan), len(WINDOWS), size, size) or list(index[ID_COL]) != list(plan[ID_COL]):
         return False
@@ -118,16 +136,22 @@ def _is_complete(files: dict[str, Path], plan: pd.DataFrame, size: int) -> bool:
 def _start(files: dict[str, Path], plan: pd.DataFrame, size: int, fingerprint: str) -> dict:
     """Resume a matching .partial build, or start a fresh one (zero-filled memmaps, empty progress)."""
     n_masks = int((plan["mask_row"] >= 0).sum())
-    if files["progress"].exists() and files["images_partial"].exists():
+    progress: dict = {}
+    if files["progress"].exists():
         try:
             progress = json.loads(files["progress"].read_text())
         except (json.JSONDecodeError, OSError):
             progress = {}
-        if progress.get("fingerprint") == fingerprint and (n_masks == 0 or files["masks_partial"].exists()):
+
+        def have(key: str) -> bool:  # a kill between _finish's renames leaves some final files, not .partial ones
+            return files[f"{key}_partial"].exists() or (progress.get("finishing", False) and files[key].exists())
+
+        if progress.get("fingerprint") == fingerprint and have("images") and (n_masks == 0 or have("masks")):
             print(f"resuming: {len(progress['done'])} chunks already done")
             return progress
-    # A stale index beside a new build could later pass for complete: remove it first.
+    # A stale index or fingerprint beside a new build could later pass for complete: remove them first.
     files["index"].unlink(missing_ok=True)
+    files["info"].unlink(missing_ok=True)
     files["images"].parent.mkdir(parents=True, exist_ok=True)
     shape = (len(plan), len(WINDOWS), size, size)
     # New memmap files are sparse zeros: rows never written (failed files) stay zero-filled.
@@ -149,11 +173,12 @@ def build_cache(
     meta = load_metadata(data_dir, split, workers)
     plan = _plan(meta, split)
     files = _files(data_dir, size, split)
-    if _is_complete(files, plan, size):
+    fingerprint = _fingerprint(plan, size)
+    if _is_complete(files, plan, size, fingerprint):
         print(f"{files['images']} is complete ({len(plan)} images)")
         return files["images"].parent
-    fingerprint = _fingerprint(plan, size, chunk_rows)
-    progress = _start(files, plan, size, fingerprint)
+    # The chunking is part of a resume (done chunks are numbered), not of the cached values.
+    progress = _start(files, plan, size, f"{fingerprint}|{chunk_rows}")
     done = set(progress["done"])
     n_masks = int((plan["mask_row"] >= 0).sum())
     records = [
@@ -192,12 +217,15 @@ def build_cache(
     elapsed = time.perf_counter() - start
     if todo_rows:
         print(f"cached {todo_rows} images in {elapsed:.1f} s ({todo_rows / max(elapsed, 1e-9):.1f} images/s)")
-    _finish(files, plan, progress, n_masks)
+    _finish(files, plan, progress, n_masks, fingerprint)
     return files["images"].parent
 
 
-def _finish(files: dict[str, Path], plan: pd.DataFrame, progress: dict, n_masks: int) -> None:
-    """Tables first, renames last: a kill in between resumes with nothing to do and finishes here again."""
+def _finish(files: dict[str, Path], plan: pd.DataFrame, progress: dict, n_masks: int, fingerprint: str) -> None:
+    """Tables first, renames last, the fingerprint after them: a kill anywhere in between resumes with nothing to
+    do and finishes here again (progress says `finishing`, so renamed files count as done)."""
+    progress["finishing"] = True
+    write_json(progress, files["progress"])
     bad = pd.DataFrame([b[:3] for b in progress["bad"]], columns=BAD_COLUMNS)
     failed_images = {b[0] for b in progress["bad"] if b[3] == "image"}
     failed_masks = {b[0] for b in progress["bad"] if b[3] == "mask"}
@@ -206,9 +234,10 @@ def _finish(files: dict[str, Path], plan: pd.DataFrame, progress: dict, n_masks:
     index.loc[index[ID_COL].isin(failed_masks), "mask_row"] = -1
     write_csv(bad, files["bad"])
     write_csv(index, files["index"])
-    if n_masks:
-        os.replace(files["masks_partial"], files["masks"])
-    os.replace(files["images_partial"], files["images"])
+    for key in ("masks", "images") if n_masks else ("images",):
+        if files[f"{key}_partial"].exists():
+            os.replace(files[f"{key}_partial"], files[key])
+    write_json({"fingerprint": fingerprint, "rows": len(index), "windows": WINDOWS}, files["info"])
     files["progress"].unlink(missing_ok=True)
     if len(bad):
         shown = "; ".join(f"{r.ID}: {r.reason}" for r in bad.head(3).itertuples())

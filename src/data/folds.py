@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from pathlib import Path
 
@@ -11,10 +12,13 @@ import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 
 from src import paths
-from src.atomic import write_csv
+from src.atomic import write_csv, write_json
 from src.constants import FOLD_COL, ID_COL
 from src.data.metadata import load_metadata
 from src.errors import InputError, run_cli
+from src.predictions import fold_assignment_digest
+
+SPLIT_MARKER = "folds.json"  # in a fold's model folder: the split its checkpoints were trained on
 
 FOLD_COLUMNS = [ID_COL, "PatientID", "StudyInstanceUID", FOLD_COL]
 
@@ -60,6 +64,30 @@ def load_folds(data_dir: str | os.PathLike, n_folds: int = 5, seed: int = 42) ->
     counts = folds.groupby(FOLD_COL).agg(images=(ID_COL, "size"), patients=("PatientID", "nunique"))
     print(f"wrote {out}\n{counts.to_string()}")
     return folds
+
+
+def fold_split(data_dir: str | os.PathLike, n_folds: int = 5, seed: int = 42) -> dict:
+    """{"file", "sha1"} of the folds in use (load_folds): recorded beside checkpoints and predictions."""
+    folds = load_folds(data_dir, n_folds, seed)
+    path = paths.folds_csv(n_folds, seed, Path(data_dir).resolve())
+    return {"file": str(path), "sha1": fold_assignment_digest(folds)}
+
+
+def guard_model_split(model_dir: Path, split: dict, write: bool = True) -> None:
+    """Refuse to resume or reuse a fold whose checkpoints were trained on another split (its valid rows may have
+    been training rows); otherwise record the split (model folders from before this record are adopted)."""
+    marker = Path(model_dir) / SPLIT_MARKER
+    if marker.exists():
+        try:
+            then = json.loads(marker.read_text()).get("sha1")
+        except (OSError, json.JSONDecodeError) as err:
+            raise InputError(f"{marker}: unreadable ({err}); delete it to adopt the current folds") from err
+        if then != split["sha1"]:
+            raise InputError(f"{model_dir}: trained on fold split {str(then)[:10]}, but {split['file']} is "
+                             f"{split['sha1'][:10]} (the data or the folds changed); delete {model_dir} and its "
+                             "fold's predictions to train it again")
+    elif write:
+        write_json(split, marker)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,45 +11,29 @@ import numpy as np
 import pandas as pd
 
 from src.atomic import write_csv, write_json, write_text
-from src.constants import FOLD_COL, ID_COL, LABELS, SERIES, SLICE_INDEX, STUDY
+from src.constants import FOLD_COL, ID_COL, LABELS, PATIENT, SERIES, SLICE_INDEX, STUDY
 from src.errors import InputError, run_cli
 from src.evaluate.any_variants import any_comparison
+from src.evaluate.deploy import deploy_thresholds
+from src.evaluate.operating import attach_heldout, operating_points, side_by_side
 from src.evaluate.plots import plot_curves
+from src.evaluate.report_text import LEVEL_TITLES, leveled_markdown, report_markdown, threshold_markdown
 from src.evaluate.thresholds import (
-    ANY_SWEEP,
     DEFAULT_PRECISIONS,
     LEVELS,
     RADNET_RUN,
     aggregate_studies,
     apply_thresholds,
-    level_tables,
-    threshold_tables,
     thresholds_to_dict,
 )
 from src.markdown import markdown_table
 from src.metric import bootstrap_auc, per_class_log_loss, weighted_log_loss
 from src.paths import resolve_data_dir
-from src.predictions import load_test_predictions, load_valid_predictions
+from src.predictions import load_fold_test_predictions, load_test_predictions, load_valid_predictions
 from src.stage_settings import parse_with_section, section_record
 
 META_COLS = (ID_COL, STUDY, SERIES, SLICE_INDEX)
-LEVEL_TITLES = {
-    "slice": "Slice level",
-    "study_max": "Study level, max over slices (BloodNet)",
-    "study_radnet": "Study level, >= {run} consecutive slices pass (RADnet)",
-}
-MD_THRESHOLD_COLS = [
-    "label",
-    "target_precision",
-    "threshold",
-    "precision",
-    "recall",
-    "specificity",
-    "accuracy",
-    "f1",
-    "support",
-    "n_flagged",
-]
+OPTIONAL_META = (PATIENT,)  # held-out parts group patients; without it, studies stand in for them
 
 
 def join_metadata(preds: pd.DataFrame, meta: pd.DataFrame, what: str, need_labels: bool) -> pd.DataFrame:
@@ -58,6 +42,7 @@ def join_metadata(preds: pd.DataFrame, meta: pd.DataFrame, what: str, need_label
     absent = [c for c in cols if c not in meta.columns]
     if absent:
         raise InputError(f"{what} metadata lacks column(s) {', '.join(absent)}")
+    cols += [c for c in OPTIONAL_META if c in meta.columns and c not in preds.columns]
     keep = meta[cols].rename(columns={c: f"true_{c}" for c in LABELS})
     merged = preds.merge(keep, on=ID_COL, how="left", validate="one_to_one", indicator=True)
     unknown = merged["_merge"] == "left_only"
@@ -67,12 +52,6 @@ def join_metadata(preds: pd.DataFrame, meta: pd.DataFrame, what: str, need_label
             f"e.g. {merged.loc[unknown, ID_COL].iloc[0]} (wrong --data?)"
         )
     return merged.drop(columns="_merge")
-
-
-def threshold_markdown(table: pd.DataFrame) -> str:
-    shown = table[MD_THRESHOLD_COLS].astype(object)
-    shown.loc[~table["reachable"].to_numpy(), "threshold"] = "not reachable"
-    return markdown_table(shown)
 
 
 def write_table(df: pd.DataFrame, out_dir: Path, stem: str, markdown: str | None = None) -> str:
@@ -92,17 +71,21 @@ def build_report(
     seed: int = 0,
     run: int = RADNET_RUN,
     title: str = "",
+    test_members: dict[int, pd.DataFrame] | None = None,
+    meta_test: pd.DataFrame | None = None,
 ) -> dict:
-    """Every table (CSV + Markdown), PR/ROC PNGs, thresholds.json and report.md under out_dir; returns a summary."""
+    """Every table (CSV + Markdown), PR/ROC PNGs, thresholds.json and report.md under out_dir; returns a summary.
+
+    test_members (fold -> that fold model's test predictions) with meta_test move the saved thresholds to the
+    scale of their mean, the model test and triage use (src/evaluate/deploy.py)."""
     out_dir = Path(out_dir)
     frame = join_metadata(valid, meta_train, "OOF", need_labels=True)
     y = frame[[f"true_{c}" for c in LABELS]].to_numpy(dtype=np.float64)
     p = frame[list(LABELS)].to_numpy(dtype=np.float64)
-    studies_id = frame[STUDY].to_numpy()
     md: dict[str, str] = {}
 
     wll = weighted_log_loss(y, p)
-    auc = bootstrap_auc(y, p, groups=studies_id, n_boot=n_boot, seed=seed)
+    auc = bootstrap_auc(y, p, groups=frame[STUDY].to_numpy(), n_boot=n_boot, seed=seed)
     scores = auc.assign(log_loss=per_class_log_loss(y, p))[
         ["label", "log_loss", "auc", "ci_low", "ci_high", "n_pos", "n_neg", "n_groups", "n_boot_valid"]
     ]
@@ -117,107 +100,51 @@ def build_report(
     md["folds"] = write_table(pd.DataFrame(folds), out_dir, "folds")
 
     studies = aggregate_studies(frame, p, y, run)
-    tables = level_tables(y, p, studies, precisions)
+    ops = operating_points(frame, y, p, studies, precisions, n_boot, seed)
+    tables = ops.in_sample
     for level in LEVELS:
         part = tables[tables["level"] == level].reset_index(drop=True)
-        md[level] = write_table(part, out_dir, f"thresholds_{level}", threshold_markdown(part))
-    thresholds = thresholds_to_dict(tables, run)
+        write_table(part, out_dir, f"thresholds_{level}", threshold_markdown(part))
+    write_table(ops.heldout, out_dir, "heldout_thresholds")
+    both = pd.concat([side_by_side(tables[tables["level"] == lv], ops.heldout).assign(level=lv) for lv in LEVELS],
+                     ignore_index=True)
+    md.update({lv: markdown_table(both[both["level"] == lv].drop(columns="level")) for lv in LEVELS})
+    write_table(both, out_dir, "operating_points", leveled_markdown(both, LEVELS, run))
+    thresholds = attach_heldout(thresholds_to_dict(tables, run), ops.heldout, ops.how, len(frame))
+    if test_members and meta_test is not None:
+        test_frame = join_metadata(next(iter(test_members.values()))[[ID_COL]], meta_test, "test", False)
+        thresholds = deploy_thresholds(thresholds, test_members, test_frame)
     write_json(thresholds, out_dir / "thresholds.json")
 
-    j_any = LABELS.index("any")
-    sweep = pd.concat(
-        [
-            threshold_tables(y[:, j_any], p[:, j_any], ANY_SWEEP, ["any"], "slice"),
-            threshold_tables(
-                studies["true_any"].to_numpy(), studies["max_any"].to_numpy(), ANY_SWEEP, ["any"], "study_max"
-            ),
-        ],
-        ignore_index=True,
-    )
-    md["sweep"] = write_table(
-        sweep,
-        out_dir,
-        "any_sweep",
-        "".join(
-            f"\n{LEVEL_TITLES[lv]}:\n\n" + threshold_markdown(sweep[sweep["level"] == lv])
-            for lv in ("slice", "study_max")
-        ),
-    )
+    write_table(ops.sweep, out_dir, "any_sweep", "".join(
+        f"\n{LEVEL_TITLES[lv]}:\n\n" + threshold_markdown(ops.sweep[ops.sweep["level"] == lv])
+        for lv in ("slice", "study_max")))
+    write_table(ops.sweep_heldout, out_dir, "any_sweep_heldout")
+    sweep_both = pd.concat([side_by_side(ops.sweep[ops.sweep["level"] == lv], ops.sweep_heldout).assign(level=lv)
+                            for lv in ("slice", "study_max")], ignore_index=True)
+    md["sweep"] = leveled_markdown(sweep_both, ("slice", "study_max"), run)
     variants = any_comparison(y, p, precision=min(precisions))
     md["variants"] = write_table(variants, out_dir, "any_variants")
 
     auc_map = dict(zip(auc["label"], auc["auc"]))
-    slice_points = tables[tables["level"] == "slice"]
-    pngs = plot_curves(y, p, out_dir / "plots", slice_points, auc_map)
+    plot_dir = out_dir / "plots"
+    pngs = plot_curves(y, p, plot_dir, tables[tables["level"] == "slice"], auc_map)
     y_st = studies[[f"true_{c}" for c in LABELS]].to_numpy()
-    pngs += plot_curves(
-        y_st,
-        studies[[f"max_{c}" for c in LABELS]].to_numpy(),
-        out_dir / "plots",
-        tables[tables["level"] == "study_max"],
-        None,
-        prefix="study_",
-    )
+    pngs += plot_curves(y_st, studies[[f"max_{c}" for c in LABELS]].to_numpy(), plot_dir,
+                        tables[tables["level"] == "study_max"], None, prefix="study_")
 
-    n_studies = len(studies)
     sources = ", ".join(sorted(set(frame["source"]))) if "source" in frame.columns else "the given table"
-    text = [
-        f"# Evaluation report: {title or out_dir.parent.name}\n",
-        (
-            f"{len(frame)} OOF images in {n_studies} studies from {sources}. "
-            f"Labels and study/series/slice order from the training metadata. Study label = any slice positive.\n"
-        ),
-        "## Competition metric\n",
-        f"Weighted log loss (any x2, subtypes x1, / 7, clip 1e-15): **{wll:.5f}**\n",
-        md["folds"],
-        (
-            f"\nPer class: log loss, ROC AUC and its 95% CI from {n_boot} bootstrap resamples of **studies** "
-            f"(seed {seed}; slices of a study are correlated, so resampling slices would understate the width).\n"
-        ),
-        md["scores"],
-        "\n## Operating points at fixed precision\n",
-        (
-            "Per class and target precision, the threshold with the highest recall whose precision is at least the "
-            "target (flag = score >= threshold), chosen on these OOF predictions; `not reachable` when no threshold "
-            "gets there. Study level uses the study's max slice probability (BloodNet) or RADnet's rule (positive when "
-            f">= {run} consecutive slices, in slice order within the series, pass); both are in thresholds.json.\n"
-        ),
-    ]
-    for level in LEVELS:
-        text += [f"\n### {LEVEL_TITLES[level].format(run=run)}\n", md[level]]
-    text += [
-        "\n## `any`: precision sweep (paper's Table IV)\n",
-        md["sweep"],
-        f"\n## `any`: learned vs derived from subtypes (paper's Table III), at precision {min(precisions):g}\n",
-        "`max_subtypes` = max over the five subtype probabilities; `noisy_or` = 1 - prod(1 - p_subtype).\n\n",
-        md["variants"],
-        "\n## Curves\n",
-        "Slice level, operating points marked:\n\n",
-        " ".join(
-            f"![{c} PR](plots/pr_{c}.png) ![{c} ROC](plots/roc_{c}.png)"
-            for c in LABELS
-            if (out_dir / "plots" / f"pr_{c}.png") in pngs
-        )
-        + "\n",
-        "\nStudy level (max rule): "
-        + ", ".join(
-            f"[{c}](plots/study_pr_{c}.png)" for c in LABELS if (out_dir / "plots" / f"study_pr_{c}.png") in pngs
-        )
-        + "\n",
-        "\n## Files\n",
-        (
-            "scores, folds, thresholds_{slice,study_max,study_radnet}, any_sweep, any_variants: `.csv` + `.md`; "
-            "thresholds.json (apply with `python -m src.evaluate.report --pred DIR --triage-only`); plots/*.png.\n"
-        ),
-    ]
-    # Blank lines around every piece: Markdown needs them before a table and between paragraphs.
-    write_text("\n".join(piece.strip("\n") + "\n" for piece in text), out_dir / "report.md")
+    intro = (f"{len(frame)} OOF images in {len(studies)} studies from {sources}. Labels and study/series/slice order "
+             "from the training metadata. Study label = any slice positive.\n")
+    write_text(report_markdown(title or out_dir.parent.name, intro, wll, md, ops.how, len(frame), n_boot, seed, run,
+                               precisions, thresholds, pngs, plot_dir), out_dir / "report.md")
     return {
         "weighted_log_loss": wll,
         "n_images": len(frame),
-        "n_studies": n_studies,
+        "n_studies": len(studies),
         "thresholds": thresholds,
         "tables": tables,
+        "heldout": ops.heldout,
         "auc": auc,
         "n_plots": len(pngs),
     }
@@ -272,8 +199,10 @@ def main(argv: list[str] | None = None) -> int:
     out_dir = Path(args.out) if args.out else pred_dir / "report"
     data_dir = resolve_data_dir(args.data)
     if not args.triage_only:
+        valid = load_valid_predictions(pred_dir)
+        members = load_fold_test_predictions(pred_dir)  # the fold models test and triage average
         summary = build_report(
-            load_valid_predictions(pred_dir),
+            valid,
             load_meta(data_dir, "train"),
             out_dir,
             parse_precisions(",".join(map(str, cfg.report.precisions))),
@@ -281,6 +210,8 @@ def main(argv: list[str] | None = None) -> int:
             args.seed,
             args.run,
             title=pred_dir.resolve().name,
+            test_members=members,
+            meta_test=load_meta(data_dir, "test") if len(members) >= 2 else None,
         )
         print(
             f"{summary['n_images']} OOF images, {summary['n_studies']} studies: weighted log loss "

@@ -1,4 +1,4 @@
-"""Kaggle submission from test predictions (mean over *_test.csv, sample order, clipped) and its validator."""
+"""Kaggle submission from the mean of the fold test files (sample order, clipped) and its validator."""
 
 from __future__ import annotations
 

@@ -25,7 +25,12 @@ def level2_splits(folds: np.ndarray, groups: np.ndarray, n_folds: int, n_inner: 
     if n_groups < 3:
         raise InputError(f"the available OOF holds {n_groups} patient(s); stacking needs at least 3")
     splitter = GroupKFold(n_splits=min(n_inner, n_groups), shuffle=True, random_state=seed)
-    return "inner_group_cv", [(tr, va) for tr, va in splitter.split(folds, groups=groups)]
+    splits = [(tr, va) for tr, va in splitter.split(folds, groups=groups)]
+    fewest = min(len(np.unique(groups[tr])) for tr, _ in splits)
+    if fewest < 2:
+        raise InputError(f"the available OOF holds {n_groups} patients: with {len(splits)} inner folds a fit set "
+                         f"keeps {fewest}; stacking needs 2 per fit set (raise stack.n_inner)")
+    return "inner_group_cv", splits
 
 
 @dataclass
