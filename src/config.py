@@ -54,7 +54,10 @@ class Config:
     head_epochs: int = 1  # step 2: lambda = 0, everything frozen but the final classification layer
     joint_epochs: int = 3  # step 3: lambda = joint_lambda, end to end
     joint_lambda: float = 0.5
-    seg_dice: bool = False
+    # BloodNet segmentation supervision
+    masks: str = "auto"  # full: painted masks | none: weak (slice labels through the pooled map) | auto: full if any
+    seg_loss: str = "bce_dice"  # bce | bce_dice (soft Dice too: blood is well under 1% of the pixels)
+    weak_pool_r: float = 5.0  # masks=none: log-sum-exp pooling sharpness (large = max, small = mean)
     # runtime
     num_workers: int = 1
     seed: int = 0
