@@ -15,6 +15,7 @@ from src.cnn.checkpoints import save_checkpoint
 from src.cnn.loop import make_optimizer
 from src.cnn.losses import masked_seg_loss
 from src.cnn.model import VOLUME_SCALE_MM3, build_model
+from src.cnn.study_volumes import slab_total_mm3 as volumes_total
 from src.config import load_config
 from src.constants import LABELS, VOLUME_COL
 from src.data.dataset import SliceDataset, voxel_volume_mm3
@@ -312,3 +313,12 @@ def test_two_images_at_one_position_count_their_volume_once():
     assert row["true_volume_mm3"] == pytest.approx(1000.0)  # 600 + mean(400, 400), not 1400
     meta2.loc[meta2["ID"] == "ID_8", "position"] = 10.0  # a real third slice: counted in full
     assert volumes.study_volumes(pred2, meta2, true2).set_index("StudyInstanceUID").loc["A", "pred_volume_mm3"] == 1400
+
+
+def test_slab_total_counts_a_repeated_position_once():
+    """What triage reports per study: slices 0 and 1 share a position (their mean counts), slice 2 is its own slab."""
+    meta = pd.DataFrame({"PatientID": "P", "StudyInstanceUID": "S", "SeriesInstanceUID": "R",
+                         "position": [10.0, 10.0, 15.0]})
+    assert volumes_total(np.array([100.0, 300.0, 50.0]), meta) == pytest.approx(250.0)
+    meta["position"] = [5.0, 10.0, 15.0]
+    assert volumes_total(np.array([100.0, 300.0, 50.0]), meta) == pytest.approx(450.0)

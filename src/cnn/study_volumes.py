@@ -31,6 +31,12 @@ def position_levels(meta: pd.DataFrame) -> pd.Series:
     return (gap.isna() | (gap > SAME_POSITION_MM)).cumsum().reindex(meta.index)
 
 
+def slab_total_mm3(volume_mm3: np.ndarray, meta: pd.DataFrame) -> float:
+    """One study's volume from its slices' (meta rows in the same order): duplicate positions averaged, then summed."""
+    levels = position_levels(meta.reset_index(drop=True))
+    return float(pd.Series(np.asarray(volume_mm3, dtype=np.float64)).groupby(levels.to_numpy()).mean().sum())
+
+
 def study_volumes(pred: pd.DataFrame, meta: pd.DataFrame, true: pd.DataFrame | None = None) -> pd.DataFrame:
     """One row per study: slice counts, predicted (and true) blood volume in mm³ and mL, absolute % error.
 
