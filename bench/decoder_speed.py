@@ -1,9 +1,10 @@
-"""The hand-written U-Net decoder BloodNet had (kept here as the reference) vs segmentation_models_pytorch's Unet,
-which src/cnn/model.py now uses, on the same timm encoder: parameters and CPU forward+backward time per batch.
+"""BloodNet's own U-Net decoder (src/cnn/model.py) vs segmentation_models_pytorch's Unet on the same timm encoder:
+parameters and CPU forward+backward time per training batch; the numbers behind keeping the own decoder.
 
     python bench/decoder_speed.py [--backbone resnet10t] [--size 128] [--batch 32] [--context 1] [--reps 5]
 
-Prints the ratio smp / own for each smp decoder width; writes work/bench/decoder_speed.{json,md}.
+Prints the ratio smp / own for each smp decoder width; writes work/bench/decoder_speed.{json,md}. Time is the
+process's CPU time on one thread: on cores shared with other jobs, wall time measures the neighbours.
 """
 
 from __future__ import annotations
@@ -16,12 +17,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import segmentation_models_pytorch as smp
-import timm
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from src.atomic import write_json, write_text
+from src.cnn.model import build_model
 from src.config import load_config
 from src.paths import WORK
 
@@ -29,40 +28,15 @@ from src.paths import WORK
 SMP_DECODERS = {"smp Unet, default decoder": (256, 128, 64, 32, 16), "smp Unet, narrow decoder": (128, 64, 32, 16, 16)}
 
 
-class OwnDecoderUnet(nn.Module):
-    """The decoder src/cnn/model.py had before smp: nearest upsampling, concat skip, two conv-BN-ReLU per level,
-    widths max(16, c/2) of the skip's channels, logits at half resolution upsampled bilinearly."""
-
-    def __init__(self, backbone: str, in_chans: int):
-        super().__init__()
-        self.encoder = timm.create_model(backbone, features_only=True, in_chans=in_chans)
-        channels = self.encoder.feature_info.channels()
-        self.blocks = nn.ModuleList()
-        in_ch = channels[-1]
-        for skip, out in zip(channels[:-1][::-1], [max(16, c // 2) for c in channels[:-1]][::-1]):
-            self.blocks.append(nn.Sequential(
-                nn.Conv2d(in_ch + skip, out, 3, padding=1, bias=False), nn.BatchNorm2d(out), nn.ReLU(inplace=True),
-                nn.Conv2d(out, out, 3, padding=1, bias=False), nn.BatchNorm2d(out), nn.ReLU(inplace=True)))
-            in_ch = out
-        self.seg_head = nn.Conv2d(in_ch, 1, kernel_size=1)
-
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
-        features = self.encoder(image)
-        x = features[-1]
-        for block, skip in zip(self.blocks, features[:-1][::-1]):
-            x = block(torch.cat([F.interpolate(x, size=skip.shape[-2:], mode="nearest"), skip], dim=1))
-        return F.interpolate(self.seg_head(x), size=image.shape[-2:], mode="bilinear", align_corners=False)
-
-
 def step_seconds(model: torch.nn.Module, x: torch.Tensor, forward, reps: int) -> float:
-    """Median seconds of one forward + backward of the segmentation output (the first, warm-up step not counted)."""
+    """Median CPU seconds of one forward + backward of the segmentation output (the warm-up step not counted)."""
     times = []
     for i in range(reps + 1):
-        t0 = time.perf_counter()
+        t0 = time.process_time()
         forward(model, x).float().mean().backward()
         model.zero_grad(set_to_none=True)
         if i:
-            times.append(time.perf_counter() - t0)
+            times.append(time.process_time() - t0)
     return sorted(times)[len(times) // 2]
 
 
@@ -74,15 +48,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--context", type=int, default=1)
     parser.add_argument("--reps", type=int, default=5)
     args = parser.parse_args(argv)
+    torch.set_num_threads(1)
     torch.manual_seed(0)
     cfg = load_config(None, [f"backbone={args.backbone}", f"context={args.context}", "arch=bloodnet"])
     x = torch.rand(args.batch, cfg.in_chans, args.size, args.size)
     rows = []
-    own = OwnDecoderUnet(args.backbone, cfg.in_chans).train()
-    own_decoder = [p for n, p in own.named_parameters() if n.startswith(("blocks", "seg_"))]
-    rows.append({"model": "own decoder (before smp)", "params_total": sum(p.numel() for p in own.parameters()),
+    own = build_model(cfg).train()
+    own_decoder = [p for n, p in own.named_parameters() if n.startswith(("decoder", "seg_"))]
+    rows.append({"model": "own decoder (src/cnn/model.py)", "params_total": sum(p.numel() for p in own.parameters()),
                  "params_decoder": sum(p.numel() for p in own_decoder),
-                 "seconds": step_seconds(own, x, lambda m, t: m(t), args.reps)})
+                 "seconds": step_seconds(own, x, lambda m, t: m(t, torch.ones(len(t)))["seg_logits"], args.reps)})
     for name, channels in SMP_DECODERS.items():
         net = smp.Unet(f"tu-{args.backbone}", encoder_weights=None, in_channels=cfg.in_chans, classes=1,
                        decoder_channels=channels).train()
@@ -92,8 +67,8 @@ def main(argv: list[str] | None = None) -> int:
                      "seconds": step_seconds(net, x, lambda m, t: m(t), args.reps)})
     base = rows[0]["seconds"]
     lines = [f"{args.backbone}, {args.size} px, batch {args.batch}, {cfg.in_chans} channels, "
-             f"{torch.get_num_threads()} threads, median of {args.reps} forward+backward steps", "",
-             "| model | parameters | decoder parameters | s / batch | time vs own |", "|---|---|---|---|---|"]
+             f"1 thread, median CPU time of {args.reps} forward+backward steps", "",
+             "| model | parameters | decoder parameters | CPU s / batch | time vs own |", "|---|---|---|---|---|"]
     for r in rows:
         r["ratio_vs_own"] = r["seconds"] / base
         lines.append(f"| {r['model']} | {r['params_total']:,} | {r['params_decoder']:,} | {r['seconds']:.3f} "

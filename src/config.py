@@ -57,7 +57,7 @@ class Config:
     # BloodNet segmentation supervision
     masks: str = "auto"  # full: painted masks | none: weak (slice labels through the pooled map) | auto: full if any
     seg_loss: str = "bce_dice"  # bce | bce_dice (soft Dice too: blood is well under 1% of the pixels)
-    weak_pool_r: float = 5.0  # masks=none: log-sum-exp pooling sharpness (large = max, small = mean)
+    weak_pool_r: float = 2.0  # masks=none: log-sum-exp pooling sharpness (large = max, small = mean)
     # runtime
     num_workers: int = 1
     seed: int = 0

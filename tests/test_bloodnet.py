@@ -136,8 +136,8 @@ def test_head_phase_changes_only_the_head():
     torch.manual_seed(0)
     drifting = build_model(cfg)
     _head_step(drifting, cfg, head_only_phase=False, steps=1)
-    assert not torch.equal(drifting.state_dict()["encoder.model.bn1.running_mean"],
-                           before["encoder.model.bn1.running_mean"])
+    assert not torch.equal(drifting.state_dict()["encoder.bn1.running_mean"],
+                           before["encoder.bn1.running_mean"])
 
 
 def test_load_model_round_trip(tmp_path):
