@@ -322,3 +322,24 @@ def test_slab_total_counts_a_repeated_position_once():
     assert volumes_total(np.array([100.0, 300.0, 50.0]), meta) == pytest.approx(250.0)
     meta["position"] = [5.0, 10.0, 15.0]
     assert volumes_total(np.array([100.0, 300.0, 50.0]), meta) == pytest.approx(450.0)
+
+
+def test_slice_dice_and_fold_dice_on_painted_slices():
+    seg = np.zeros((3, 4, 4))
+    truth = np.zeros((3, 4, 4), np.uint8)
+    seg[0, :2, :2], truth[0, :2, :] = 0.9, 255  # 4 predicted, 8 true, 4 shared: 2·4 / 12
+    truth[1, 0, 0] = 255  # a painted pixel missed entirely: 0
+    assert np.allclose(overlays.slice_dice(seg, truth), [8 / 12, 0.0, 1.0])  # both empty: perfect
+    # fold_dice: every painted slice of the fold, predicted with its whole study (neighbours are real neighbours).
+    meta = _meta(4, [1, 1, 0, 1], [0, -1, -1, 1])
+    images = np.random.default_rng(0).integers(0, 255, (4, 3, S, S), dtype=np.uint8)
+    masks = np.zeros((2, S, S), np.uint8)
+    masks[:, :8, :] = 1  # a quarter of each slice
+    cfg = _cfg("context=1")
+    model = build_model(cfg).eval()
+    with torch.no_grad():
+        model.seg_head.weight.zero_()
+        model.seg_head.bias.fill_(30.0)  # blood everywhere: Dice = 2·(S²/4) / (S² + S²/4) = 0.4
+    dice = overlays.fold_dice(model, cfg, meta, images, masks, torch.device("cpu"))
+    assert dice["n_slices"] == 2 and dice["mean_dice"] == pytest.approx(0.4)
+    assert overlays.fold_dice(model, cfg, meta, images, None, torch.device("cpu"))["n_slices"] == 0
