@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import shutil
 
+import cv2
 import numpy as np
 import pandas as pd
 import pytest
@@ -130,7 +131,14 @@ def test_scale_augmentation_scales_the_voxel_volume():
     ds = SliceDataset(meta, images, augment=build_augment(zoom))
     plain = SliceDataset(meta, images)
     seen = []
-    for _ in range(6):
-        seen.append(float(ds[0]["voxel_mm3"]) / float(plain[0]["voxel_mm3"]))
+    # OpenCV's worker threads, once started here, leave a later fork (the cache builder's process pool in
+    # test_data_layer) deadlocked; one thread keeps this test from changing the process for the tests after it.
+    threads = cv2.getNumThreads()
+    cv2.setNumThreads(0)
+    try:
+        for _ in range(6):
+            seen.append(float(ds[0]["voxel_mm3"]) / float(plain[0]["voxel_mm3"]))
+    finally:
+        cv2.setNumThreads(threads)
     assert all(1 / 1.1**2 - 1e-4 <= r <= 1 / 0.9**2 + 1e-4 for r in seen) and len({round(r, 6) for r in seen}) > 1
     assert float(plain[0]["voxel_mm3"]) == pytest.approx(1.0)  # no augmentation: the voxel as measured
