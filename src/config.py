@@ -104,7 +104,10 @@ class Config:
     head_epochs: int = 1  # step 2: lambda = 0, everything frozen but the final classification layer
     joint_epochs: int = 3  # step 3: lambda = joint_lambda, end to end
     joint_lambda: float = 0.5
-    seg_dice: bool = False
+    # BloodNet segmentation supervision
+    masks: str = "auto"  # full: painted masks | none: weak (slice labels through the pooled map) | auto: full if any
+    seg_loss: str = "bce_dice"  # bce | bce_dice (soft Dice too: blood is well under 1% of the pixels)
+    weak_pool_r: float = 2.0  # masks=none: log-sum-exp pooling sharpness (large = max, small = mean)
     # training engine (GPU-ready loop): EMA, accumulation, seeds, compile, logging
     ema: bool = False  # validate, keep and predict with timm's ModelEmaV3 average of the weights
     ema_decay: float = 0.999  # reached after timm's warmup (decay grows from 0 with the optimizer step)

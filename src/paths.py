@@ -51,7 +51,7 @@ def image_dir(data_dir: Path, split: str) -> Path:
 
 def data_identity(data_dir: Path) -> str:
     """sha1 of what makes a dataset itself, not of where it lies: the label CSV, the sample submission and the sorted
-    names of the image files. Two copies of one dataset (e.g. input/ and a notebook's input mount) share it."""
+    names of the image and mask files. Two copies of one dataset (e.g. input/ and a notebook's input mount) share it."""
     data_dir = Path(data_dir).resolve()
     h = hashlib.sha1()
     for name in (TRAIN_CSV, SAMPLE_SUBMISSION_CSV):
@@ -62,6 +62,10 @@ def data_identity(data_dir: Path) -> str:
         folder = next((data_dir / n for n in names if (data_dir / n).is_dir()), None)
         listed = sorted(e.name for e in os.scandir(folder)) if folder else []
         h.update(f"{split}:{len(listed)}:".encode() + "\n".join(listed).encode())
+    # The painted masks are part of the data: a copy without them (the real-data situation) must not reuse the
+    # metadata or cache of one with them, nor the reverse.
+    masks = sorted(e.name for e in os.scandir(data_dir / MASKS_DIR)) if (data_dir / MASKS_DIR).is_dir() else []
+    h.update(f"masks:{len(masks)}:".encode() + "\n".join(masks).encode())
     return h.hexdigest()
 
 

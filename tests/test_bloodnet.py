@@ -13,8 +13,9 @@ from sklearn.metrics import roc_auc_score
 from src.cnn import ablation, checkpoints, overlays
 from src.cnn.checkpoints import save_checkpoint
 from src.cnn.loop import make_optimizer
-from src.cnn.losses import masked_seg_loss, weighted_bce
+from src.cnn.losses import masked_seg_loss
 from src.cnn.model import VOLUME_SCALE_MM3, build_model
+from src.cnn.study_volumes import slab_total_mm3 as volumes_total
 from src.config import load_config
 from src.constants import LABELS, VOLUME_COL
 from src.data.dataset import SliceDataset, voxel_volume_mm3
@@ -98,21 +99,25 @@ def test_positive_slice_without_mask_is_unknown_and_left_out_of_seg_loss():
     assert torch.isclose(base, masked_seg_loss(logits, batch["mask"], batch["mask_state"]))
 
 
-def _head_step(model, cfg, eval_mode: bool, steps: int = 2) -> None:
+def _head_step(model, cfg, head_only_phase: bool, steps: int = 2) -> None:
+    """The real training code (src.cnn.loop.train_one_epoch) for `steps` batches of BloodNet's step 2: an optimizer
+    over the head only, the phase that puts the model in eval mode (head_only=True) or, as a control, one that
+    leaves it in train mode."""
+    from torch.utils.data import DataLoader
+
+    from src.cnn.loop import Runtime, train_one_epoch
+    from src.cnn.schedule import Phase
+
+    rng = np.random.default_rng(0)
+    n = 4 * steps
+    meta = _meta(n, rng.integers(0, 2, n).tolist(), [-1] * n)
+    images = rng.integers(0, 255, (n, 3, S, S), dtype=np.uint8)
+    loader = DataLoader(SliceDataset(meta, images), batch_size=4, shuffle=False)
     optimizer = make_optimizer(cfg, model, head_only=True)
-    model.train()
-    if eval_mode:
-        model.eval()  # what src.cnn.train does in the head phase
-    weights = torch.tensor(cfg.class_weights)
-    for step in range(steps):
-        g = torch.Generator().manual_seed(step)
-        x = torch.rand(4, 3, S, S, generator=g)
-        labels = (torch.rand(4, len(LABELS), generator=g) > 0.5).float()
-        out = model(x, torch.full((4,), 18.0))
-        loss = weighted_bce(out["logits"], labels, weights) + 0.0 * out["seg_logits"].sum()  # λ = 0
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+    phase = Phase("head", 1, 0.0, head_only=head_only_phase)
+    rt = Runtime(0, 1, torch.device("cpu"), None, False)
+    train_one_epoch(model, loader, optimizer, torch.amp.GradScaler("cuda", enabled=False), phase, 0, cfg, rt,
+                    torch.tensor(cfg.class_weights), "head")
 
 
 def test_head_phase_changes_only_the_head():
@@ -120,7 +125,7 @@ def test_head_phase_changes_only_the_head():
     cfg = _cfg("lr=1e-2")
     model = build_model(cfg)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    _head_step(model, cfg, eval_mode=True)
+    _head_step(model, cfg, head_only_phase=True)
     after = model.state_dict()
     head = {"head.weight", "head.bias"}
     changed = {k for k in before if not torch.equal(before[k], after[k])}
@@ -130,8 +135,9 @@ def test_head_phase_changes_only_the_head():
     # Control: in train mode the frozen encoder's BatchNorm statistics would drift, so the check above can fail.
     torch.manual_seed(0)
     drifting = build_model(cfg)
-    _head_step(drifting, cfg, eval_mode=False, steps=1)
-    assert not torch.equal(drifting.state_dict()["encoder.bn1.running_mean"], before["encoder.bn1.running_mean"])
+    _head_step(drifting, cfg, head_only_phase=False, steps=1)
+    assert not torch.equal(drifting.state_dict()["encoder.bn1.running_mean"],
+                           before["encoder.bn1.running_mean"])
 
 
 def test_load_model_round_trip(tmp_path):
@@ -156,7 +162,8 @@ def _volume_inputs():
     true = pd.DataFrame({"ID": ids, "StudyInstanceUID": studies,
                          VOLUME_COL: [600.0, 400.0, 2000.0, 0.0, 250.0, 250.0, 0.0, 0.0]})
     pred = pd.DataFrame({"ID": ids, VOLUME_COL: [1000.0, 100.0, 700.0, 300.0, 500.0, 0.0, 10.0, 20.0]})
-    meta = pd.DataFrame({"ID": ids, "StudyInstanceUID": studies, "any": [1, 1, 1, 0, 1, 1, 0, 0]})
+    meta = pd.DataFrame({"ID": ids, "StudyInstanceUID": studies, "any": [1, 1, 1, 0, 1, 1, 0, 0],
+                         "PatientID": studies, "SeriesInstanceUID": studies, "position": [0.0, 5.0] * 4})
     return pred, meta, true
 
 
@@ -227,9 +234,30 @@ def test_ablation_table_and_markdown():
 
 def test_ablation_configs_share_an_epoch_budget():
     variants = ablation.ablation_configs(_cfg("seg_epochs=2", "head_epochs=1", "joint_epochs=4", "context=2"))
-    assert [v.arch for v in variants.values()] == ["classifier", "multitask", "bloodnet"]
-    assert variants["classifier"].epochs == 7 and len({v.exp_name for v in variants.values()}) == 3
+    assert list(variants) == ["classifier", "multitask", "bloodnet", "bloodnet_nomask"]
+    assert [v.arch for v in variants.values()] == ["classifier", "multitask", "bloodnet", "bloodnet"]
+    assert [v.masks for v in variants.values()] == ["auto", "auto", "auto", "none"]
+    nomask, bloodnet = variants["bloodnet_nomask"].exp_name, variants["bloodnet"].exp_name
+    assert nomask.startswith("bloodnet-resnet10t-128px-c2-") and nomask != bloodnet
+    assert variants["classifier"].epochs == 7 and len({v.exp_name for v in variants.values()}) == 4
     assert all(v.context == 2 and v.backbone == "resnet10t" for v in variants.values())
+
+
+def test_ablation_volume_columns():
+    """Variants that predict a volume get its median abs % error and Spearman over positive studies; others get NaN,
+    drawn as a dash."""
+    pred, meta, true = _volume_inputs()
+    labels = meta.copy()
+    for name in LABELS:
+        labels[name] = labels["any"]
+    probs = pd.DataFrame({"ID": pred["ID"], **{name: 0.2 + 0.6 * labels[name] for name in LABELS}})
+    preds = {"classifier": probs, "bloodnet": probs.assign(**{VOLUME_COL: pred[VOLUME_COL]})}
+    table = ablation.ablation_table(preds, labels, n_boot=20, true_volumes=true).set_index("variant")
+    assert np.isnan(table.loc["classifier", "volume_mdape_percent"])
+    assert table.loc["bloodnet", "volume_mdape_percent"] == pytest.approx(10.0)  # as in the study volume test
+    assert table.loc["bloodnet", "volume_spearman"] == pytest.approx(0.5)  # ranks (3, 2, 1) vs (2, 3, 1): 1 - 6·2/(3·8)
+    md = ablation.ablation_markdown(table.reset_index(), "c")
+    assert "| – | – |" in md and "| 10% | 0.50 |" in md
 
 
 def test_pick_studies_and_overlay_png(tmp_path):
@@ -270,3 +298,49 @@ def test_volumes_cli_writes_table_summary_and_plot(tmp_path, monkeypatch):
     assert (exp / "bloodnet" / "volume_scatter.png").stat().st_size > 5000
     with pytest.raises(InputError, match="not found"):
         volumes.main(["--pred", str(tmp_path / "nope"), "--data", str(data)])
+
+
+def test_two_images_at_one_position_count_their_volume_once():
+    """Study A gets a third image at position 5.0 (a re-scan of slice 2): its slab is counted once, as the mean."""
+    pred, meta, true = _volume_inputs()
+    extra = pd.DataFrame({"ID": ["ID_8"], VOLUME_COL: [300.0]})
+    pred2 = pd.concat([pred, extra], ignore_index=True)
+    true2 = pd.concat([true, pd.DataFrame({"ID": ["ID_8"], "StudyInstanceUID": ["A"], VOLUME_COL: [400.0]})])
+    meta2 = pd.concat([meta, pd.DataFrame({"ID": ["ID_8"], "StudyInstanceUID": ["A"], "any": [1], "PatientID": ["A"],
+                                           "SeriesInstanceUID": ["A"], "position": [5.0 + 1e-4]})], ignore_index=True)
+    row = volumes.study_volumes(pred2, meta2, true2).set_index("StudyInstanceUID").loc["A"]
+    assert row["n_slices"] == 3 and row["n_positive_slices"] == 3
+    assert row["pred_volume_mm3"] == pytest.approx(1000.0 + (100.0 + 300.0) / 2)  # not 1400
+    assert row["true_volume_mm3"] == pytest.approx(1000.0)  # 600 + mean(400, 400), not 1400
+    meta2.loc[meta2["ID"] == "ID_8", "position"] = 10.0  # a real third slice: counted in full
+    assert volumes.study_volumes(pred2, meta2, true2).set_index("StudyInstanceUID").loc["A", "pred_volume_mm3"] == 1400
+
+
+def test_slab_total_counts_a_repeated_position_once():
+    """What triage reports per study: slices 0 and 1 share a position (their mean counts), slice 2 is its own slab."""
+    meta = pd.DataFrame({"PatientID": "P", "StudyInstanceUID": "S", "SeriesInstanceUID": "R",
+                         "position": [10.0, 10.0, 15.0]})
+    assert volumes_total(np.array([100.0, 300.0, 50.0]), meta) == pytest.approx(250.0)
+    meta["position"] = [5.0, 10.0, 15.0]
+    assert volumes_total(np.array([100.0, 300.0, 50.0]), meta) == pytest.approx(450.0)
+
+
+def test_slice_dice_and_fold_dice_on_painted_slices():
+    seg = np.zeros((3, 4, 4))
+    truth = np.zeros((3, 4, 4), np.uint8)
+    seg[0, :2, :2], truth[0, :2, :] = 0.9, 255  # 4 predicted, 8 true, 4 shared: 2·4 / 12
+    truth[1, 0, 0] = 255  # a painted pixel missed entirely: 0
+    assert np.allclose(overlays.slice_dice(seg, truth), [8 / 12, 0.0, 1.0])  # both empty: perfect
+    # fold_dice: every painted slice of the fold, predicted with its whole study (neighbours are real neighbours).
+    meta = _meta(4, [1, 1, 0, 1], [0, -1, -1, 1])
+    images = np.random.default_rng(0).integers(0, 255, (4, 3, S, S), dtype=np.uint8)
+    masks = np.zeros((2, S, S), np.uint8)
+    masks[:, :8, :] = 1  # a quarter of each slice
+    cfg = _cfg("context=1")
+    model = build_model(cfg).eval()
+    with torch.no_grad():
+        model.seg_head.weight.zero_()
+        model.seg_head.bias.fill_(30.0)  # blood everywhere: Dice = 2·(S²/4) / (S² + S²/4) = 0.4
+    dice = overlays.fold_dice(model, cfg, meta, images, masks, torch.device("cpu"))
+    assert dice["n_slices"] == 2 and dice["mean_dice"] == pytest.approx(0.4)
+    assert overlays.fold_dice(model, cfg, meta, images, None, torch.device("cpu"))["n_slices"] == 0

@@ -1,4 +1,5 @@
-"""The BloodNet ablation (Bar et al. 2019, Table 3): classifier / multitask / bloodnet on one fold, same budget."""
+"""The BloodNet ablation (Bar et al. 2019, Table 3): classifier / multitask / bloodnet, and bloodnet with its masks
+withheld (the real RSNA data's situation), on one fold, same budget; AUC, log loss and study-volume error."""
 
 from __future__ import annotations
 
@@ -13,8 +14,9 @@ import torch
 
 from src import paths
 from src.atomic import write_csv, write_text
+from src.cnn.study_volumes import study_volumes, volume_summary
 from src.config import Config, load_config
-from src.constants import ID_COL, LABELS, STUDY
+from src.constants import ID_COL, LABELS, STUDY, VOLUME_COL
 from src.errors import InputError, run_cli
 from src.metric import auc_from_ranks, bootstrap_auc, weighted_log_loss
 
@@ -23,25 +25,40 @@ VARIANTS: dict[str, str] = {
     "classifier": "Single task, classification",
     "multitask": "Multi task, classification and segmentation",
     "bloodnet": "Task dependent, segmentation dependent classification",
+    "bloodnet_nomask": "Segmentation dependent classification, masks withheld (slice labels only)",
 }
+ARCHS = ("classifier", "multitask", "bloodnet")
 
 
 def ablation_configs(cfg: Config) -> dict[str, Config]:
-    """The three variants of one base config; the classifier gets the same total epochs as the 3-step schedule."""
+    """The variants of one base config; the classifier gets the same total epochs as the 3-step schedule.
+
+    The segmentation variants keep the base config's `masks` (auto: painted masks where the data has them); the
+    mask-free row forces masks=none, so on the embedded set it shows what BloodNet learns from slice labels alone.
+    """
     budget = cfg.seg_epochs + cfg.head_epochs + cfg.joint_epochs
     # Without an explicit exp each variant keeps its derived name (<arch>-<backbone>-<size>px-c<context>), so a fold
     # that `run_fold.sh` already trained under the same settings is reused rather than trained again.
-    return {arch: dataclasses.replace(cfg, arch=arch, exp=f"{cfg.exp}-{arch}" if cfg.exp else "", epochs=budget,
-                                      aug=dataclasses.replace(cfg.aug)) for arch in VARIANTS}
+    out = {arch: dataclasses.replace(cfg, arch=arch, exp=f"{cfg.exp}-{arch}" if cfg.exp else "", epochs=budget,
+                                     aug=dataclasses.replace(cfg.aug)) for arch in VARIANTS if arch in ARCHS}
+    bloodnet = out["bloodnet"]
+    # masks=none is a training key: the derived name's hash keeps this run apart from the bloodnet row.
+    out["bloodnet_nomask"] = dataclasses.replace(bloodnet, masks="none", exp=f"{cfg.exp}-bloodnet_nomask" if cfg.exp
+                                                 else "", aug=dataclasses.replace(cfg.aug))
+    return out
 
 
 def ablation_table(
-    preds: dict[str, pd.DataFrame], labels: pd.DataFrame, n_boot: int = 1000, seed: int = 0
+    preds: dict[str, pd.DataFrame], labels: pd.DataFrame, n_boot: int = 1000, seed: int = 0,
+    true_volumes: pd.DataFrame | None = None,
 ) -> pd.DataFrame:
-    """Slice-level AUC of `any` with a study-resampling bootstrap CI, study AUC (max over slices), weighted log loss.
+    """Slice-level AUC of `any` with a study-resampling bootstrap CI, study AUC (max over slices), weighted log loss,
+    and for variants that predict a volume (with true_volumes given) the study volume's median abs % error and
+    Spearman over positive studies.
 
-    preds: variant -> prediction table (ID + LABELS); labels: ID, StudyInstanceUID + LABELS. Every variant must
-    cover the same images; all variants see the same bootstrap resamples (a paired comparison).
+    preds: variant -> prediction table (ID + LABELS [+ blood_volume_mm3]); labels: the train metadata (ID, study,
+    series keys, position + LABELS). Every variant must cover the same images; all variants see the same bootstrap
+    resamples (a paired comparison).
     """
     names = list(preds)
     ids = None
@@ -79,19 +96,36 @@ def ablation_table(
             "n_positive_slices": int(y[:, any_j].sum()),
             "n_studies": int(study_y.size),
             "n_boot_valid": int(boot.loc[j, "n_boot_valid"]),
+            **_volume_columns(preds[name], labels, true_volumes),
         })
     return pd.DataFrame(rows)
+
+
+def _volume_columns(pred: pd.DataFrame, labels: pd.DataFrame, true_volumes: pd.DataFrame | None) -> dict:
+    """Median abs % error and Spearman of the study volume over positive studies; NaN without a volume or truth."""
+    if VOLUME_COL not in pred or true_volumes is None:
+        return {"volume_mdape_percent": float("nan"), "volume_spearman": float("nan")}
+    summary = volume_summary(study_volumes(pred, labels, true_volumes))
+    return {"volume_mdape_percent": _nan(summary.get("mdape_percent")),
+            "volume_spearman": _nan(summary.get("spearman_positive"))}
+
+
+def _nan(value) -> float:
+    return float("nan") if value is None else float(value)
 
 
 def ablation_markdown(table: pd.DataFrame, caption: str) -> str:
     """Table 3 as Markdown: one row per variant, AUC with its 95% CI, then the caption."""
     epochs = "epochs_run" in table
-    header = "| Network | AUC (any, slices) | 95% CI | study AUC (max) | weighted log loss |"
-    lines = [header + " epochs run |" * epochs, "|---|---|---|---|---|" + "---|" * epochs]
+    header = ("| Network | AUC (any, slices) | 95% CI | study AUC (max) | weighted log loss "
+              "| volume median abs error | volume Spearman |")
+    lines = [header + " epochs run |" * epochs, "|---|---|---|---|---|---|---|" + "---|" * epochs]
     for r in table.itertuples():
         extra = f" {r.epochs_run} |" if epochs else ""
+        mdape = "–" if np.isnan(r.volume_mdape_percent) else f"{r.volume_mdape_percent:.0f}%"
+        rho = "–" if np.isnan(r.volume_spearman) else f"{r.volume_spearman:.2f}"
         lines.append(f"| {r.network} (`{r.variant}`) | {r.auc_any:.4f} | [{r.ci_low:.4f}, {r.ci_high:.4f}] "
-                     f"| {r.study_auc_any:.4f} | {r.weighted_log_loss:.4f} |{extra}")
+                     f"| {r.study_auc_any:.4f} | {r.weighted_log_loss:.4f} | {mdape} | {rho} |{extra}")
     return "\n".join(lines) + f"\n\n{caption}\n"
 
 
@@ -106,12 +140,13 @@ def ablation_caption(cfg: Config, fold: int, table: pd.DataFrame, n_boot: int) -
         f"variants (early stopping after {cfg.early_stopping} stale epochs may end a run sooner; 0 = off); each is "
         f"scored with its best-validation checkpoint. AUC CI: percentile bootstrap ({n_boot} resamples of whole "
         f"studies, the same resamples for every variant). Study AUC: max `any` probability over a study's slices, "
-        f"as the paper's inference."
+        f"as the paper's inference. Volume: study blood volume (duplicate slice positions counted once) against "
+        f"true_volumes.csv, over the positive studies; `bloodnet_nomask` trains with masks=none (slice labels only)."
     )
 
 
 def run_ablation(cfg: Config, fold: int, data_dir: Path, n_boot: int = 1000, seed: int = 0) -> pd.DataFrame:
-    """Train (or resume) the three variants on one fold, then write oof/bloodnet_ablation_fold{K}.{csv,md}."""
+    """Train (or resume) the four variants on one fold, then write oof/bloodnet_ablation_fold{K}.{csv,md}."""
     from src.cnn.train import run_fold
     from src.data.metadata import load_metadata
 
@@ -125,7 +160,9 @@ def run_ablation(cfg: Config, fold: int, data_dir: Path, n_boot: int = 1000, see
             raise InputError(f"{path}: validation predictions missing after training {variant.exp_name}")
         preds[name] = pd.read_csv(path, dtype={ID_COL: str})
         epochs_run[name] = len(pd.read_csv(out_dir / f"fold{fold}_epochs.csv"))
-    table = ablation_table(preds, load_metadata(data_dir, "train"), n_boot=n_boot, seed=seed)
+    true_csv = data_dir / paths.TRUE_VOLUMES_CSV
+    true = pd.read_csv(true_csv, dtype={ID_COL: str}) if true_csv.exists() else None
+    table = ablation_table(preds, load_metadata(data_dir, "train"), n_boot=n_boot, seed=seed, true_volumes=true)
     table["epochs_run"] = table["variant"].map(epochs_run)
     base = paths.OOF_DIR / f"bloodnet_ablation_fold{fold}"
     write_csv(table, base.with_suffix(".csv"))
@@ -139,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m src.cnn.ablation", description=__doc__)
     parser.add_argument("--fold", type=int, required=True)
     parser.add_argument("--data", help="data directory (default: $ICH_DATA, input/, input/synthetic/)")
-    parser.add_argument("--config", help="YAML config overrides shared by the three variants (e.g. bloodnet.yaml)")
+    parser.add_argument("--config", help="YAML config overrides shared by the variants (e.g. bloodnet.yaml)")
     parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--n-boot", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0, help="bootstrap seed")

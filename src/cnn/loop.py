@@ -12,7 +12,7 @@ from torch import nn
 from tqdm import tqdm
 
 from src.cnn.distributed import predict_sharded, unwrap
-from src.cnn.losses import masked_seg_loss, weighted_bce
+from src.cnn.losses import training_loss
 from src.cnn.predict import to_input
 from src.cnn.runtime import Runtime, no_sync
 from src.cnn.schedule import Phase, lr_at
@@ -71,14 +71,7 @@ def train_one_epoch(model: nn.Module, loader, optimizer, scaler, phase: Phase, e
         x = to_input(batch["image"], rt.device, rt.channels_last)
         with torch.autocast(rt.device.type, dtype=rt.amp_dtype, enabled=rt.amp_dtype is not None):
             out = model(x, batch["voxel_mm3"].to(rt.device))
-        loss = (1.0 - phase.seg_lambda) * weighted_bce(out["logits"], batch["labels"].to(rt.device), class_weights)
-        if phase.seg_lambda > 0:
-            seg = masked_seg_loss(
-                out["seg_logits"], batch["mask"].to(rt.device), batch["mask_state"].to(rt.device), cfg.seg_dice
-            )
-            loss = loss + phase.seg_lambda * seg
-        elif "seg_logits" in out:
-            loss = loss + 0.0 * out["seg_logits"].sum()  # keeps DDP's gradient buckets complete
+        loss = training_loss(out, batch, phase, cfg, class_weights)
         scaler.scale(loss / group).backward()
         sync.__exit__(None, None, None)
         if last_in_group:

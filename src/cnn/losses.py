@@ -1,9 +1,19 @@
-"""Losses: weighted BCE over the six labels (the metric's weighting) and the masked segmentation loss."""
+"""Losses: weighted BCE over the six labels (the metric's weighting), the segmentation losses, and the one function
+that composes them for a training step (`training_loss`)."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
+
+from src.config import Config
+from src.constants import LABELS
+from src.errors import InputError
+
+SEG_LOSSES = ("bce", "bce_dice")
+ANY = LABELS.index("any")
 
 
 def weighted_bce(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -12,23 +22,76 @@ def weighted_bce(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tens
     return (per_label * weights).sum(dim=1).mean() / weights.sum()
 
 
+def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean over slices of 1 − soft Dice (+1 smoothing). On an empty slice it is 1 − 1/(Σp + 1): every stray pixel
+    of false blood costs, which plain BCE forgives when blood is well under 1% of the pixels."""
+    prob = torch.sigmoid(logits)
+    inter = (prob * target).sum(dim=(1, 2, 3))
+    denom = prob.sum(dim=(1, 2, 3)) + target.sum(dim=(1, 2, 3))
+    return (1.0 - (2.0 * inter + 1.0) / (denom + 1.0)).mean()
+
+
 def masked_seg_loss(
-    seg_logits: torch.Tensor, masks: torch.Tensor, mask_state: torch.Tensor, dice: bool = False
+    seg_logits: torch.Tensor, masks: torch.Tensor, mask_state: torch.Tensor, kind: str = "bce"
 ) -> torch.Tensor:
-    """Per-pixel BCE over the slices whose mask is known (state 1 = painted, 0 = known empty).
+    """Per-pixel BCE (+ soft Dice for kind="bce_dice") over the slices whose mask is known (state 1 = painted,
+    0 = known empty).
 
     State -1 (a positive slice without a mask) is left out entirely: calling it empty would teach the
     decoder to erase real blood. A batch without any known mask contributes an exact zero with a graph.
     """
+    if kind not in SEG_LOSSES:
+        raise InputError(f"config key seg_loss: {kind!r} is not one of {', '.join(SEG_LOSSES)}")
     known = mask_state >= 0
     if not bool(known.any()):
         return seg_logits.sum() * 0.0
     logits = seg_logits[known].float()
     target = masks[known].float()
     loss = F.binary_cross_entropy_with_logits(logits, target)
-    if dice:
-        prob = torch.sigmoid(logits)
-        inter = (prob * target).sum(dim=(1, 2, 3))
-        denom = prob.sum(dim=(1, 2, 3)) + target.sum(dim=(1, 2, 3))
-        loss = loss + (1.0 - (2.0 * inter + 1.0) / (denom + 1.0)).mean()
+    if kind == "bce_dice":
+        loss = loss + soft_dice_loss(logits, target)
     return loss
+
+
+def lse_pool(seg_logits: torch.Tensor, r: float) -> torch.Tensor:
+    """Log-sum-exp pooling of a [B, 1, H, W] logit map to one logit per slice: (1/r)·log(mean(exp(r·x))).
+
+    r → ∞ is max pooling (one pixel decides), r → 0 the mean (every pixel must agree); in between, a bleed that
+    covers a fraction f of the slice at logit a pools to about a + log(f)/r, so small bleeds still reach the label.
+    """
+    flat = seg_logits.float().flatten(1)
+    return (torch.logsumexp(r * flat, dim=1) - math.log(flat.shape[1])) / r
+
+
+def weak_seg_loss(seg_logits: torch.Tensor, labels_any: torch.Tensor, masks: torch.Tensor, mask_state: torch.Tensor,
+                  kind: str, r: float) -> torch.Tensor:
+    """Mask-free supervision: the map pooled (LSE) into the slice's `any` logit, BCE against the slice label, plus
+    the pixel loss on known-empty slices. Slice labels alone then say where the blood is: the only pixels that can
+    raise a positive slice's pooled logit without costing on negatives are the ones that differ from normal."""
+    pooled = lse_pool(seg_logits, r)
+    mil = F.binary_cross_entropy_with_logits(pooled, labels_any.float())
+    return mil + masked_seg_loss(seg_logits, masks, mask_state, kind)
+
+
+def training_loss(out: dict[str, torch.Tensor], batch: dict[str, torch.Tensor], phase, cfg: Config,
+                  class_weights: torch.Tensor) -> torch.Tensor:
+    """L = (1 − λ)·weighted BCE + λ·segmentation loss for one batch of `phase` (src.cnn.schedule.Phase).
+
+    The segmentation term follows cfg.masks, which the trainer has resolved from `auto` to `full` (painted masks)
+    or `none` (the weak mode above: data such as the real RSNA set, whose positives carry no mask).
+    """
+    device = out["logits"].device
+    labels = batch["labels"].to(device)
+    loss = (1.0 - phase.seg_lambda) * weighted_bce(out["logits"], labels, class_weights)
+    if "seg_logits" not in out:
+        return loss
+    if phase.seg_lambda <= 0:
+        return loss + 0.0 * out["seg_logits"].sum()  # keeps DDP's gradient buckets complete
+    masks, state = batch["mask"].to(device), batch["mask_state"].to(device)
+    if cfg.masks == "full":
+        seg = masked_seg_loss(out["seg_logits"], masks, state, cfg.seg_loss)
+    elif cfg.masks == "none":
+        seg = weak_seg_loss(out["seg_logits"], labels[:, ANY], masks, state, cfg.seg_loss, cfg.weak_pool_r)
+    else:
+        raise ValueError(f"masks={cfg.masks!r}: resolve it to full or none (src.data.dataset.resolve_mask_mode)")
+    return loss + phase.seg_lambda * seg

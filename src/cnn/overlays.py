@@ -1,4 +1,5 @@
-"""Mask overlays: predicted vs painted blood on a fold's most positive validation studies and its hardest negative."""
+"""Mask overlays: predicted vs painted blood on a fold's most positive validation studies and its hardest negative;
+and the Dice of the predicted mask on every painted validation slice."""
 
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ from matplotlib.figure import Figure
 from torch import nn
 
 from src import paths
-from src.atomic import save_png
+from src.atomic import save_png, write_json
 from src.cnn.checkpoints import load_model
+from src.cnn.model import MASK_CUTOFF
 from src.config import Config
 from src.constants import FOLD_COL, ID_COL, LABELS, STUDY
 from src.errors import InputError, run_cli
@@ -56,6 +58,29 @@ def predict_study(model: nn.Module, cfg: Config, meta: pd.DataFrame, images: np.
         vol.append(out["mask_volume_mm3"].cpu().numpy())
     return {"seg": np.concatenate(seg), "any": np.concatenate(p_any), "volume_mm3": np.concatenate(vol),
             "mask_state": ds.mask_state, "voxel_mm3": ds.voxel_mm3}
+
+
+def slice_dice(seg: np.ndarray, truth: np.ndarray, cutoff: float = MASK_CUTOFF) -> np.ndarray:
+    """Dice per slice of the predicted mask (p >= cutoff) against the painted one; [n, S, S] each."""
+    pred = seg >= cutoff
+    true = truth > 0
+    inter = (pred & true).sum(axis=(1, 2))
+    total = pred.sum(axis=(1, 2)) + true.sum(axis=(1, 2))
+    return np.where(total > 0, 2.0 * inter / np.maximum(total, 1), 1.0)
+
+
+def fold_dice(model: nn.Module, cfg: Config, valid: pd.DataFrame, images: np.ndarray, masks: np.ndarray | None,
+              device: torch.device) -> dict:
+    """Dice on the fold's positive validation slices that have a painted mask: mean, median and count."""
+    studies = valid.loc[valid["mask_row"] >= 0, STUDY].unique() if masks is not None else []
+    if not len(studies):
+        return {"n_slices": 0, "mean_dice": None, "median_dice": None}
+    # Whole studies go in, so that 2.5D neighbours are the slice's real neighbours, not the next painted slice.
+    rows = valid[valid[STUDY].isin(studies)].reset_index(drop=True)
+    painted = (rows["mask_row"] >= 0).to_numpy()
+    seg = predict_study(model, cfg, rows, images, masks, device)["seg"][painted]
+    dice = slice_dice(seg, np.stack([masks[r] for r in rows.loc[painted, "mask_row"]]))
+    return {"n_slices": len(dice), "mean_dice": float(dice.mean()), "median_dice": float(np.median(dice))}
 
 
 def _blend(gray: np.ndarray, alpha: np.ndarray, colour: tuple[float, float, float]) -> np.ndarray:
@@ -117,6 +142,11 @@ def run_overlays(exp: str, fold: int, data_dir: Path | None = None, n_studies: i
         raise InputError(f"--fold {fold}: no validation images in {data_dir}")
     oof_path = exp_dir(exp) / f"fold{fold}_valid.csv"
     oof = pd.read_csv(oof_path, dtype={ID_COL: str}) if oof_path.exists() else None
+    dice = fold_dice(model, cfg, valid, images, masks, device)
+    write_json({"exp": exp, "fold": fold, "cutoff": MASK_CUTOFF, **dice},
+               exp_dir(exp) / "bloodnet" / f"dice_fold{fold}.json")
+    print(f"Dice on {dice['n_slices']} painted validation slices: mean {dice['mean_dice']}, "
+          f"median {dice['median_dice']}")
     channel = {"brain": 0, "subdural": 1}[window]
     written = []
     for rank, (study, why) in enumerate(pick_studies(valid, n_studies, oof)):

@@ -29,7 +29,7 @@ from src.cnn.schedule import phases_for
 from src.config import Config, load_config
 from src.constants import FOLD_COL, ID_COL
 from src.data.cache import load_cache
-from src.data.dataset import SliceDataset, build_augment
+from src.data.dataset import SliceDataset, build_augment, resolve_mask_mode
 from src.data.folds import fold_split, guard_model_split, load_folds
 from src.errors import InputError, run_cli
 from src.paths import WORK, resolve_data_dir
@@ -60,10 +60,14 @@ def prepare_data(cfg: Config, data_dir: Path, fold: int, rt: Runtime):
         split_fold(cfg, data_dir, fold)
     barrier(rt.world)
     train_meta, valid_meta, images, masks = split_fold(cfg, data_dir, fold)
-    if rt.rank == 0 and cfg.arch != "classifier" and (masks is None or (train_meta["mask_row"] < 0).all()):
-        print(f"[train] warning: {data_dir} has no masks/: the segmentation branch only learns from known-empty "
-              "slices (any = 0), so its volume feature carries little; consider arch=classifier")
-    train_ds = SliceDataset(train_meta, images, cfg.context, masks, augment=build_augment(cfg.aug))
+    train_masks = masks
+    if cfg.arch != "classifier":
+        cfg.masks = resolve_mask_mode(cfg.masks, masks, train_meta["mask_row"].to_numpy(), str(data_dir))
+        train_masks = masks if cfg.masks == "full" else None  # none: positives are unknown, never empty
+        if rt.rank == 0:
+            print(f"[train] masks={cfg.masks}: segmentation from "
+                  + ("painted masks" if cfg.masks == "full" else "slice labels (weak, pooled map)"))
+    train_ds = SliceDataset(train_meta, images, cfg.context, train_masks, augment=build_augment(cfg.aug))
     valid_ds = SliceDataset(valid_meta, images, cfg.context, masks) if len(valid_meta) else None
     return train_meta, images, train_ds, valid_ds
 

@@ -10,6 +10,9 @@ from torch.utils.data import Dataset
 
 from src.config import AugConfig
 from src.constants import LABELS, SERIES_KEYS
+from src.errors import InputError
+
+MASK_MODES = ("auto", "full", "none")
 
 
 def neighbour_rows(meta: pd.DataFrame, context: int) -> np.ndarray:
@@ -34,6 +37,22 @@ def neighbour_rows(meta: pd.DataFrame, context: int) -> np.ndarray:
     return out
 
 
+def resolve_mask_mode(setting: str, masks: np.ndarray | None, mask_rows: np.ndarray, source: str = "data") -> str:
+    """Config `masks` to the mode training uses: `full` (painted masks) or `none` (weak, slice labels only).
+
+    `auto` is `full` when any training slice has a painted mask, else `none`: on data like the real RSNA set (no
+    masks at all) the decoder would otherwise learn from known-empty slices alone, i.e. learn "never blood".
+    """
+    if setting not in MASK_MODES:
+        raise InputError(f"config key masks: {setting!r} is not one of {', '.join(MASK_MODES)}")
+    has_masks = masks is not None and bool((np.asarray(mask_rows) >= 0).any())
+    if setting == "full" and not has_masks:
+        raise InputError(f"{source}: masks=full but no training slice has a mask (masks/ID_*.png); use masks=auto")
+    if setting == "auto":
+        return "full" if has_masks else "none"
+    return setting
+
+
 def voxel_volume_mm3(meta: pd.DataFrame, image_size: int) -> np.ndarray:
     """mm³ of one cached pixel × the slice spacing: the image was padded to a square of max(rows, cols)
     native pixels and resized to image_size, so each cached pixel spans that ratio of native pixels."""
@@ -43,7 +62,11 @@ def voxel_volume_mm3(meta: pd.DataFrame, image_size: int) -> np.ndarray:
 
 
 def build_augment(aug: AugConfig) -> A.Compose:
-    """Geometric transforms move image and mask together; intensity ones touch the image only."""
+    """Geometric transforms move image and mask together; intensity ones touch the image only.
+
+    The applied parameters are kept (save_applied_params) so that the dataset can rescale the voxel volume by the
+    area the affine magnified: a bleed zoomed by 1.1 covers 1.21x the pixels but holds the same millilitres.
+    """
     return A.Compose(
         [
             A.HorizontalFlip(p=aug.hflip),
@@ -63,8 +86,19 @@ def build_augment(aug: AugConfig) -> A.Compose:
                 fill_mask=None,
                 p=aug.coarse_dropout,
             ),
-        ]
+        ],
+        save_applied_params=True,
     )
+
+
+def area_scale(applied: list) -> float:
+    """Area magnification of the applied geometric transforms: |det| of each affine's linear part, multiplied."""
+    scale = 1.0
+    for _, params in applied:
+        matrix = params.get("matrix") if isinstance(params, dict) else None
+        if matrix is not None:
+            scale *= abs(float(np.linalg.det(np.asarray(matrix, dtype=np.float64)[:2, :2])))
+    return scale
 
 
 class SliceDataset(Dataset):
@@ -105,15 +139,17 @@ class SliceDataset(Dataset):
         image = self.images[rows].reshape(-1, *self.images.shape[-2:])  # [3*(2c+1), S, S], uint8
         # np.array copies: a memmap row is read-only and torch.from_numpy warns on it.
         mask = np.array(self.masks[self.mask_row[i]]) if self.mask_row[i] >= 0 else np.zeros(image.shape[1:], np.uint8)
+        voxel = float(self.voxel_mm3[i])
         if self.augment is not None:
             out = self.augment(image=np.ascontiguousarray(image.transpose(1, 2, 0)), mask=mask)
             image, mask = out["image"].transpose(2, 0, 1), out["mask"]
+            voxel /= area_scale(out.get("applied_transforms", []))
         item = {
             "index": torch.tensor(i),
             "image": torch.from_numpy(np.ascontiguousarray(image)),  # uint8: scaled on the device, 4x less to copy
             "mask": torch.from_numpy(np.ascontiguousarray(mask)).unsqueeze(0),
             "mask_state": torch.tensor(self.mask_state[i], dtype=torch.int8),
-            "voxel_mm3": torch.tensor(self.voxel_mm3[i]),
+            "voxel_mm3": torch.tensor(voxel, dtype=torch.float32),
         }
         if self.labels is not None:
             item["labels"] = torch.from_numpy(self.labels[i])

@@ -6,24 +6,16 @@ import argparse
 import json
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
 from src import paths
 from src.atomic import save_png, write_csv, write_json
-from src.constants import ID_COL, STUDY, VOLUME_COL
+from src.cnn.study_volumes import MM3_PER_ML, study_volumes, volume_summary
+from src.constants import ID_COL, VOLUME_COL
 from src.errors import InputError, run_cli
 
-MM3_PER_ML = 1000.0
 PLOT_FLOOR_ML = 1e-3  # log axes cannot show 0: a study with no (predicted or true) blood is drawn at 1 mm³
-
-
-def _json_safe(value):
-    """NaN is not JSON: missing numbers are written as null."""
-    if isinstance(value, float) and not np.isfinite(value):
-        return None
-    return value
 
 
 def read_volume_predictions(pred: Path) -> pd.DataFrame:
@@ -43,49 +35,6 @@ def read_volume_predictions(pred: Path) -> pd.DataFrame:
     if table[ID_COL].duplicated().any():
         raise InputError(f"{pred}: image {table.loc[table[ID_COL].duplicated(), ID_COL].iloc[0]} is predicted twice")
     return table
-
-
-def study_volumes(pred: pd.DataFrame, meta: pd.DataFrame, true: pd.DataFrame | None = None) -> pd.DataFrame:
-    """One row per study: slice counts, predicted (and true) blood volume in mm³ and mL, absolute % error."""
-    df = pred[[ID_COL, VOLUME_COL]].merge(meta[[ID_COL, STUDY, "any"]], on=ID_COL, how="left", validate="one_to_one")
-    if df[STUDY].isna().any():
-        raise InputError(f"{int(df[STUDY].isna().sum())} predicted images are not in the train metadata "
-                         f"(e.g. {df.loc[df[STUDY].isna(), ID_COL].iloc[0]}): wrong --data?")
-    agg = {"n_slices": (ID_COL, "size"), "n_positive_slices": ("any", "sum"), "pred_volume_mm3": (VOLUME_COL, "sum")}
-    if true is not None:
-        t = true[[ID_COL, VOLUME_COL]].rename(columns={VOLUME_COL: "true_mm3"})
-        df = df.merge(t, on=ID_COL, how="left", validate="one_to_one")
-        if df["true_mm3"].isna().any():
-            raise InputError(f"{paths.TRUE_VOLUMES_CSV}: {int(df['true_mm3'].isna().sum())} predicted images lack a "
-                             "true volume")
-        agg["true_volume_mm3"] = ("true_mm3", "sum")
-    table = df.groupby(STUDY, sort=True).agg(**agg).reset_index()
-    table["n_positive_slices"] = table["n_positive_slices"].astype(int)
-    table["pred_volume_ml"] = table["pred_volume_mm3"] / MM3_PER_ML
-    if true is not None:
-        table["true_volume_ml"] = table["true_volume_mm3"] / MM3_PER_ML
-        positive = table["true_volume_mm3"] > 0
-        err = (table["pred_volume_mm3"] - table["true_volume_mm3"]).abs() / table["true_volume_mm3"].where(positive)
-        table["abs_pct_error"] = 100.0 * err
-    return table
-
-
-def volume_summary(table: pd.DataFrame) -> dict:
-    """Median absolute percentage error over positive studies (true volume > 0), and the false blood on negatives."""
-    out = {"n_studies": len(table), "median_pred_ml": float(table["pred_volume_ml"].median())}
-    if "true_volume_mm3" not in table:
-        return {k: _json_safe(v) for k, v in out.items()}
-    pos = table[table["true_volume_mm3"] > 0]
-    neg = table[table["true_volume_mm3"] <= 0]
-    out.update({
-        "n_positive_studies": len(pos),
-        "mdape_percent": float(pos["abs_pct_error"].median()) if len(pos) else float("nan"),
-        "spearman_positive": float(pos["pred_volume_mm3"].corr(pos["true_volume_mm3"], method="spearman"))
-        if len(pos) > 1 else float("nan"),
-        "n_negative_studies": len(neg),
-        "median_pred_ml_negative_studies": float(neg["pred_volume_ml"].median()) if len(neg) else float("nan"),
-    })
-    return {k: _json_safe(v) for k, v in out.items()}
 
 
 def plot_volume_scatter(table: pd.DataFrame, path: Path, title: str = "") -> Path:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -12,6 +13,7 @@ import pandas as pd
 from src.atomic import atomic_path, write_csv, write_json
 from src.cnn.model import MASK_CUTOFF
 from src.constants import ID_COL, LABELS, SERIES, SLICE_INDEX, STUDY, VOLUME_COL, WINDOWS
+from src.predictions import exp_dir
 
 if TYPE_CHECKING:
     from src.triage.ensemble import Ensemble
@@ -20,6 +22,29 @@ OVERLAY_MIN_PX = 256  # overlays are drawn at least this large (models often run
 SEG_CUTOFF = MASK_CUTOFF  # the pixel probability counted as blood, drawn in the overlays
 SLICE_COLUMNS = [STUDY, SERIES, ID_COL, SLICE_INDEX, "position", *LABELS, VOLUME_COL, "path"]
 SUBDURAL = [name for name, _, _ in WINDOWS].index("subdural")
+# A volume is called a measurement only when held-out studies put its median error at or under this.
+MEASURED_MAX_ERROR_PCT = 25.0
+
+
+def volume_caveat(ens: Ensemble) -> str | None:
+    """What the mL number may be used for, from how the model was trained and what its held-out fold measured
+    (oof/<exp>/bloodnet/volume_summary.json, written by python -m src.evaluate.volumes); None without a volume."""
+    if not ens.has_seg:
+        return None
+    if ens.cfg.masks == "none":
+        return ("relative only: trained without blood masks (slice labels only), so the mL rank bleeds by size "
+                "but are not calibrated")
+    try:
+        summary = json.loads((exp_dir(ens.exp) / "bloodnet" / "volume_summary.json").read_text())
+    except (OSError, ValueError):
+        summary = {}
+    mdape, rho, n = summary.get("mdape_percent"), summary.get("spearman_positive"), summary.get("n_positive_studies")
+    if mdape is None or rho is None:
+        return "relative only: not checked against true volumes (run python -m src.evaluate.volumes)"
+    measured = f"median error {mdape:.0f}%, Spearman {rho:.2f} on {n} held-out positive studies"
+    if mdape <= MEASURED_MAX_ERROR_PCT:
+        return f"measured: {measured}"
+    return f"relative only: {measured}"
 
 
 def overlay_png(image: np.ndarray, seg: np.ndarray | None) -> bytes:
@@ -79,6 +104,7 @@ def write_outputs(results: list[dict], skipped: pd.DataFrame, out_dir: Path, ens
         "skipped": write_csv(skipped, out_dir / "skipped.csv"),
     }
     payload = {"exp": ens.exp, "model": ens.describe(), "probabilities_from": ens.source(),
+               "volume_caveat": volume_caveat(ens),
                "thresholds_source": ens.thresholds_source,
                "checkpoints": [str(p) for p in ens.checkpoints], "studies": [study_record(r) for r in results],
                "skipped": skipped.to_dict(orient="records")}
@@ -88,7 +114,10 @@ def write_outputs(results: list[dict], skipped: pd.DataFrame, out_dir: Path, ens
 
 def summary_text(results: list[dict], skipped: pd.DataFrame, ens: Ensemble, out_dir: Path | None = None) -> str:
     """One screen: a line per study (verdict, p(any), flagged labels, volume, top slice), skipped files, sources."""
-    lines = [f"model: {ens.describe()}", f"probabilities: {ens.source()}", f"flags: {ens.thresholds_source}", ""]
+    lines = [f"model: {ens.describe()}", f"probabilities: {ens.source()}", f"flags: {ens.thresholds_source}"]
+    caveat = volume_caveat(ens)
+    lines += [f"blood volume: {caveat}"] if caveat else []
+    lines.append("")
     for r in results:
         flagged = [n for n in LABELS if r["flags"][n] and n != "any"]
         vol = "" if r["blood_volume_ml"] is None else f"  blood {r['blood_volume_ml']:.2f} mL"

@@ -9,6 +9,7 @@ import pandas as pd
 import torch
 
 from src.cnn.predict import to_input
+from src.cnn.study_volumes import MM3_PER_ML, slab_total_mm3
 from src.constants import ID_COL, LABELS, PATIENT, SERIES, SLICE_INDEX, STUDY, VOLUME_COL
 from src.data.dataset import SliceDataset
 from src.errors import InputError
@@ -116,7 +117,7 @@ def predict_study(ens: Ensemble, slices: pd.DataFrame, images: np.ndarray, preci
                  "volume_mm3": None if out["volume_mm3"] is None else float(out["volume_mm3"][i]),
                  "png": overlay_png(images[i], None if out["seg"] is None else out["seg"][i])}
                 for i in sorted(flagged, key=lambda i: (slices[SERIES].iloc[i], slices[SLICE_INDEX].iloc[i]))]
-    volume_ml = None if out["volume_mm3"] is None else float(out["volume_mm3"].sum()) / 1000.0
+    volume_ml = None if out["volume_mm3"] is None else slab_total_mm3(out["volume_mm3"], slices) / MM3_PER_ML
     return {
         "study": str(studies[0]),
         "patient": str(slices[PATIENT].iloc[0]),

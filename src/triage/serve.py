@@ -23,7 +23,7 @@ from src.stack.bundle import KINDS
 from src.stage_settings import parse_with_section
 from src.triage.ensemble import DEFAULT_PRECISION, DEFAULT_STACKER, Ensemble, check_stacker, load_ensemble
 from src.triage.inputs import load_study_files
-from src.triage.outputs import study_record
+from src.triage.outputs import study_record, volume_caveat
 from src.triage.predict import predict_study
 
 STATIC = Path(__file__).resolve().parent / "static"
@@ -82,6 +82,7 @@ def analyse_upload(ens: Ensemble, files: list[tuple[str, bytes]], precision: flo
     point = (ens.thresholds["levels"].get("slice", {}).get("any", {}).get(f"{precision:g}") or {})
     payload["slice_threshold_any"] = point.get("threshold")
     payload["skipped"] = skipped_list
+    payload["volume_caveat"] = volume_caveat(ens)
     return 200, payload
 
 

@@ -127,6 +127,7 @@ function render(r) {
 
   $("volume").textContent = r.blood_volume_ml === null ? "not available (model without a segmentation branch)"
     : `${r.blood_volume_ml.toFixed(2)} mL`;
+  $("volume-caveat").textContent = r.volume_caveat || "";
   const top = $("top-slices");
   top.replaceChildren();
   for (const t of r.top_slices) top.appendChild(el("li", {}, `${t.ID} (slice ${t.slice_index}): p(any) ${fmtProb(t.any)}`));
