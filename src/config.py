@@ -59,6 +59,7 @@ class Config:
     num_workers: int = 1
     seed: int = 0
     tta_flip: bool = True
+    predict_train: bool = False  # also predict the fold's training rows (fold{K}_train_emb.npy): ~4x the OOF time
     amp: bool = True  # only ever used on CUDA
     limit_train_batches: int = 0  # >0: cut each epoch short (tests and smoke runs)
     aug: AugConfig = field(default_factory=AugConfig)

@@ -16,7 +16,7 @@ from src.config import AugConfig, Config
 from src.errors import InputError
 
 # Keys that may change between a kill and a resume without invalidating the checkpoint.
-RESUME_SAFE_KEYS = {"num_workers", "tta_flip"}
+RESUME_SAFE_KEYS = {"num_workers", "tta_flip", "predict_train"}
 
 
 def save_checkpoint(path: Path, model: nn.Module, cfg: Config, epoch: int, optimizer=None, **extra: Any) -> None:
