@@ -11,6 +11,7 @@ from src.errors import InputError, run_cli
 from src.predictions import fold_files, run_config
 from src.stack.compare import run_compare
 from src.stack.run import run_stack
+from src.stack.threads import machine_threads
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,7 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n-folds", type=int, help="folds of the CNN's CV (default: from fold*_run.json)")
     parser.add_argument("--n-inner", type=int, default=5, help="inner CV folds when some CNN folds are missing")
     parser.add_argument("--device", default="cpu", help="GRU device: cpu, cuda or auto")
-    parser.add_argument("--threads", type=int, default=2, help="CPU threads for LightGBM and torch")
+    parser.add_argument("--threads", type=int, default=machine_threads(),
+                        help="CPU threads for LightGBM and torch (default: every CPU this process may use)")
     parser.add_argument("--oof-root", default=str(OOF_DIR), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.k < 0:
