@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 import tracemalloc
+from pathlib import Path
 
 import lightgbm as lgb
 import numpy as np
@@ -143,3 +147,31 @@ def test_gru_bundles_saved_with_the_embedding_inside_x_still_load(with_pca):
     back = GRUStacker.from_state(old)
     np.testing.assert_allclose(back.predict_proba(X, series, emb=emb), gru.predict_proba(X, series, emb=emb),
                                rtol=1e-6)
+
+
+def test_stack_cli_makes_openmp_wait_passively_unless_told_otherwise():
+    code = "import os, src.stack.__main__; print(os.environ['OMP_WAIT_POLICY'])"
+    root = Path(__file__).resolve().parent.parent
+    for given, want in ((None, "PASSIVE"), ("ACTIVE", "ACTIVE")):
+        env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+        if given:
+            env["OMP_WAIT_POLICY"] = given
+        out = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True)
+        assert out.stdout.strip() == want, out.stderr[-500:]
+
+
+def test_stack_cli_caps_seeds_and_rounds_and_records_the_work(tmp_path, monkeypatch):
+    import src.data.metadata
+    from src.errors import InputError
+    from src.stack.__main__ import main
+
+    meta_train, meta_test, valid, test = fake_pipeline(n_patients=30, seed=12)
+    write_oof(tmp_path, "cli", valid, test, folds=[0], with_emb=False)
+    tables = {"train": meta_train, "test": meta_test}
+    monkeypatch.setattr(src.data.metadata, "load_metadata", lambda d, split: tables[split])
+    base = ["--exp", "cli", "--skip-gru", "--k", "1", "--n-inner", "2", "--threads", "1", "--oof-root", str(tmp_path)]
+    assert main([*base, "--seeds", "1", "--max-rounds", "3"]) == 0
+    metrics = json.loads((tmp_path / "cli_stack_lgbm" / "metrics.json").read_text())
+    assert 0 < metrics["work"]["boosting_rounds"] <= 2 * 6 * 3 and metrics["seconds"] >= 0
+    with pytest.raises(InputError, match="--seeds"):
+        main([*base, "--seeds", "0"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +38,16 @@ def valid_embeddings(exp_dir: Path, valid_files: dict[int, Path], parts: list[pd
     return out
 
 
+def work_done(models: list) -> dict:
+    """What the fit cost in units that scale: LightGBM boosting rounds trained, GRU epochs run (all seeds)."""
+    if models and isinstance(models[0], LGBMStacker):
+        return {"boosting_rounds": int(sum(b.current_iteration() for m in models for seed in m.boosters_
+                                           for b in seed if not isinstance(b, float)))}
+    if models and isinstance(models[0], GRUStacker):
+        return {"gru_epochs": int(sum(len(h) for m in models for h in m.history_))}
+    return {}
+
+
 def run_stack(exp: str, oof_root: Path, meta_train: pd.DataFrame, meta_test: pd.DataFrame | None, n_folds: int,
               k: int = 5, seed: int = 0, skip_gru: bool = False, lgbm_params: dict | None = None,
               gru_params: dict | None = None, n_inner: int = 5) -> dict[str, dict]:
@@ -69,12 +80,14 @@ def run_stack(exp: str, oof_root: Path, meta_train: pd.DataFrame, meta_test: pd.
     # out of the distribution the stacker was fit on.
     test_feats = [(t[ID_COL], neighbour_features(t, k)) for t in test_tables.values()]
     lgbm_kw = {"random_state": seed, **(lgbm_params or {})}
+    clock = time.perf_counter()
     results = {"lgbm": cross_fit(
         splits, len(valid),
         fit=lambda rows: LGBMStacker(**lgbm_kw).fit(feats.iloc[rows], labels[rows], groups[rows]),
         predict=lambda m, rows: m.predict_proba(feats.iloc[rows]),
         predict_test=(lambda m: mean_by_id([(ids, m.predict_proba(f)) for ids, f in test_feats], test_ids))
         if test_feats else None, desc="lgbm")}
+    seconds = {"lgbm": time.perf_counter() - clock}
 
     emb_note = "none"
     if not skip_gru:
@@ -98,6 +111,7 @@ def run_stack(exp: str, oof_root: Path, meta_train: pd.DataFrame, meta_test: pd.
             return None if emb_valid is None else emb_valid[rows]
 
         gru_kw = {"random_state": seed, **(gru_params or {})}
+        clock = time.perf_counter()
         results["gru"] = cross_fit(
             splits, len(valid),
             fit=lambda rows: GRUStacker(**gru_kw).fit(X[rows], labels[rows], series[rows], groups[rows],
@@ -105,6 +119,7 @@ def run_stack(exp: str, oof_root: Path, meta_train: pd.DataFrame, meta_test: pd.
             predict=lambda m, rows: m.predict_proba(X[rows], series[rows], emb=part(rows)),
             predict_test=(lambda m: gru_over_folds(m, gru_tests(), test_ids)) if test_tables else None,
             desc="gru")
+        seconds["gru"] = time.perf_counter() - clock
         # Blend = plain mean: choosing weights on the same OOF it is scored on would leak a little.
         blend_test = None if results["lgbm"].test is None else (results["lgbm"].test + results["gru"].test) / 2
         results["blend"] = CVResult((results["lgbm"].oof + results["gru"].oof) / 2, blend_test)
@@ -134,6 +149,8 @@ def run_stack(exp: str, oof_root: Path, meta_train: pd.DataFrame, meta_test: pd.
                            "averaged; no refit on all OOF",
             "blend": "plain mean of lgbm and gru", "stacked": score_table(labels, res.oof),
             "cnn_same_rows": score_table(labels, cnn),
+            "seconds": round(sum(seconds.values()) if kind == "blend" else seconds[kind], 1),
+            "work": work_done(res.models),
         }
         write_json(metrics, target / "metrics.json")
         out[kind] = metrics
