@@ -163,19 +163,21 @@ def stages(ws: Path, n: int, args: argparse.Namespace) -> list[tuple[str, list[s
     me = str(Path(__file__).resolve())
     stack = [py, "-m", "src.stack", "--exp", EXP, "--data", data, "--oof-root", str(oof), "--seeds", str(args.seeds),
              "--max-rounds", str(args.max_rounds), "--gru-epochs", str(args.gru_epochs)]
-    report = [py, "-m", "src.evaluate.report", "--pred", str(oof / f"{EXP}_stack_blend"), "--data", data]
+    # Report, triage and submission read the CNN's five folds (the path right after training) and run before the
+    # stackers, the longest stage, so that a run cut short still has them at every scale.
+    report = [py, "-m", "src.evaluate.report", "--pred", str(oof / EXP), "--data", data]
     submission = ws / "submissions" / "scale.csv"
     return [
         ("metadata (bench: written, not read from DICOM)", [py, me, "--_meta", str(ws), str(n), str(args.seed)]),
         ("folds", [py, "-m", "src.data.folds", "--data", data]),
         ("predictions + embeddings (bench)", [py, me, "--_preds", str(ws), str(args.emb_dim), str(args.seed)]),
-        ("stackers (LightGBM + GRU)", stack),
         ("report (incl. study bootstrap)", [*report, "--n-boot", str(args.n_boot)]),
         ("triage CSV", [*report, "--triage-only"]),
-        ("submission", [py, "-m", "src.evaluate.submit", "--pred", str(oof / f"{EXP}_stack_blend"), "--data", data,
+        ("submission", [py, "-m", "src.evaluate.submit", "--pred", str(oof / EXP), "--data", data,
                         "--out-dir", str(submission.parent), "--name", "scale"]),
         ("submission check", [py, "-m", "src.evaluate.submit", "--check", str(submission), "--sample",
                               str(ws / "data" / "stage_2_sample_submission.csv")]),
+        ("stackers (LightGBM + GRU)", stack),
     ]
 
 
@@ -236,10 +238,21 @@ def verdicts(rows: list[dict], slices: int, args: argparse.Namespace, threads: i
             need = math.ceil(threads * t / (goal_min * 60))
             lines.append(f"  would take ~{need} cores at linear thread scaling ({t / 3600:.1f} h on {threads}), "
                          "or fewer seeds/rounds (time is linear in --seeds and in rounds/epochs trained)")
+    units = {r["stage"].split()[-1]: r for r in rows if r["n"] == top and r.get("work")}
+    if {"lgbm", "gru"} <= set(units):
+        e = max(exp.get("stackers (LightGBM + GRU)", 1.0), 1.0)
+        grow = (slices / top) ** e
+        per_round = units["lgbm"]["seconds"] / max(units["lgbm"]["work"]["boosting_rounds"], 1) * grow
+        per_epoch = units["gru"]["seconds"] / max(units["gru"]["work"]["gru_epochs"], 1) * grow
+        # Defaults, none stopping early: 5 level-2 models x 5 seeds x (6 labels x 2000 rounds | 60 epochs).
+        worst = 25 * (6 * 2000 * per_round + 60 * per_epoch)
+        lines.append(f"stacker unit costs at N={slices} (from n={top}, exponent {e:.2f}): {per_round * 1000:.0f} s "
+                     f"per 1,000 LightGBM rounds, {per_epoch:.0f} s per GRU epoch; the defaults (5 seeds, up to 2000 "
+                     f"rounds and 60 epochs, early-stopped) cost at most {worst / 3600:.0f} h on {threads} threads, "
+                     f"in proportion to the rounds and epochs early stopping lets run")
     if args.seeds < 5 or args.gru_epochs < 60 or args.max_rounds < 2000:
         lines.append(f"stackers ran with --seeds {args.seeds} --max-rounds {args.max_rounds} --gru-epochs "
-                     f"{args.gru_epochs}; the defaults (5 seeds, 2000 rounds, 60 epochs, both early-stopped) cost "
-                     f"up to {5 / args.seeds:.0f}x for the seeds, more where early stopping comes later")
+                     f"{args.gru_epochs}: the stacker times above are for those caps, not the defaults")
     return lines
 
 
