@@ -1,7 +1,7 @@
 """Every stage that needs no GPU, at RSNA scale: wall time and peak memory per stage at N/16, N/4 and N.
 
     python bench/scale.py [--slices 752803] [--emb-dim 2048] [--scales 16,4,1] [--seeds 5] [--max-rounds 2000]
-                          [--gru-epochs 60] [--n-boot 1000] [--workdir DIR] [--keep]
+                          [--gru-epochs 60] [--n-boot 1000] [--workdir DIR] [--keep] [--no-stack] [--out NAME]
 
 Per scale it builds a temporary workspace without decoding any DICOM: train/test metadata as the header stage
 writes it (studies of 20-49 slices, ~1.15 studies per patient, ~14% positive slices in the real label mix, test
@@ -10,7 +10,8 @@ five folds of CNN-like OOF + test predictions and float16 embeddings, and a samp
 real stages as their own processes: the stackers (`python -m src.stack`), the report with its study bootstrap,
 triage, the submission and its check. Each stage's peak resident memory comes from os.wait4 on its process.
 Growth exponent = log(t2 / t1) / log(n2 / n1) between consecutive scales (1 = linear; n log n reads ~1.1).
-Writes work/bench/scale.{json,md}; the goals are checked at the largest scale run.
+Writes work/bench/scale.{json,md} (--out); the goals are checked at the largest scale run, projected to N when N
+itself did not run.
 """
 
 from __future__ import annotations
@@ -188,14 +189,16 @@ def run_scale(n: int, args: argparse.Namespace, root: Path) -> list[dict]:
     env.pop("ICH_DATA", None)
     rows = []
     for name, cmd in stages(ws, n, args):
+        if args.no_stack and name.startswith("stackers"):
+            continue
         wall, peak = measure(cmd, env, ws / "stages.log")
         rows.append({"n": n, "stage": name, "seconds": round(wall, 1), "peak_gb": round(peak, 2),
                      "load_avg_1min": round(os.getloadavg()[0], 1)})
         print(f"n={n:>7}  {name:<48} {wall:8.1f} s  {peak:6.2f} GB  load {os.getloadavg()[0]:.1f}", flush=True)
-    for kind in ("lgbm", "gru"):
+    for kind in () if args.no_stack else ("lgbm", "gru"):
         metrics = json.loads((ws / "oof" / f"{EXP}_stack_{kind}" / "metrics.json").read_text())
         rows.append({"n": n, "stage": f"  of which {kind}", "seconds": metrics["seconds"], "peak_gb": None,
-                     "work": metrics["work"]})
+                     "work": metrics["work"], "caps": [args.seeds, args.max_rounds, args.gru_epochs]})
     if not args.keep:
         shutil.rmtree(ws)
     return rows
@@ -215,21 +218,30 @@ def exponents(rows: list[dict]) -> dict[str, float]:
 def verdicts(rows: list[dict], slices: int, args: argparse.Namespace, threads: int) -> list[str]:
     """Goals at full N: measured there if it ran, else projected from the largest scale with its exponent."""
     exp = exponents(rows)
-    top = max(r["n"] for r in rows)
     lines = []
 
     def at_full(stage: str) -> tuple[float, str]:
-        t = next(r["seconds"] for r in rows if r["n"] == top and r["stage"] == stage)
-        if top == slices:
+        n, t = max((r["n"], r["seconds"]) for r in rows if r["stage"] == stage)  # the largest scale it ran at
+        if n == slices:
             return t, "measured"
         e = max(exp.get(stage, 1.0), 1.0)
-        return t * (slices / top) ** e, f"projected from n={top} with exponent {e:.2f}"
+        return t * (slices / n) ** e, f"projected from n={n} with exponent {e:.2f}"
 
-    peak = max(r["peak_gb"] or 0 for r in rows if r["n"] == top)
-    lines.append(f"peak RSS at n={top}: {peak:.1f} GB (goal <= {GOALS['peak_gb']} GB at N={slices})")
+    worst_stage, worst_gb, worst_how = "", 0.0, ""
+    for stage in dict.fromkeys(r["stage"] for r in rows if r["peak_gb"] is not None):
+        n, gb = max((r["n"], r["peak_gb"]) for r in rows if r["stage"] == stage and r["peak_gb"] is not None)
+        # Linear in n is an upper bound: each stage's fixed part (interpreter, libraries) does not grow.
+        at_n = gb * slices / n
+        if at_n > worst_gb:
+            worst_stage, worst_gb = stage, at_n
+            worst_how = "measured" if n == slices else f"projected linearly from {gb:.2f} GB at n={n}"
+    lines.append(f"largest peak RSS at N={slices}: {worst_gb:.1f} GB, {worst_stage} ({worst_how}); goal <= "
+                 f"{GOALS['peak_gb']:g} GB per stage: {'met' if worst_gb <= GOALS['peak_gb'] else 'missed'}")
     for stage, goal_min, key in (("stackers (LightGBM + GRU)", GOALS["stack_min"], "stack"),
                                  ("report (incl. study bootstrap)", GOALS["report_min"], "report"),
                                  ("submission", GOALS["submit_min"], "submit")):
+        if not any(r["stage"] == stage for r in rows):
+            continue
         t, how = at_full(stage)
         ok = t <= goal_min * 60
         lines.append(f"{key}: {t / 60:.1f} min at N={slices} ({how}); goal <= {goal_min:g} min: "
@@ -238,8 +250,10 @@ def verdicts(rows: list[dict], slices: int, args: argparse.Namespace, threads: i
             need = math.ceil(threads * t / (goal_min * 60))
             lines.append(f"  would take ~{need} cores at linear thread scaling ({t / 3600:.1f} h on {threads}), "
                          "or fewer seeds/rounds (time is linear in --seeds and in rounds/epochs trained)")
-    units = {r["stage"].split()[-1]: r for r in rows if r["n"] == top and r.get("work")}
+    stack_top = max((r["n"] for r in rows if r.get("work")), default=0)
+    units = {r["stage"].split()[-1]: r for r in rows if r["n"] == stack_top and r.get("work")}
     if {"lgbm", "gru"} <= set(units):
+        top = stack_top
         e = max(exp.get("stackers (LightGBM + GRU)", 1.0), 1.0)
         grow = (slices / top) ** e
         per_round = units["lgbm"]["seconds"] / max(units["lgbm"]["work"]["boosting_rounds"], 1) * grow
@@ -250,9 +264,10 @@ def verdicts(rows: list[dict], slices: int, args: argparse.Namespace, threads: i
                      f"per 1,000 LightGBM rounds, {per_epoch:.0f} s per GRU epoch; the defaults (5 seeds, up to 2000 "
                      f"rounds and 60 epochs, early-stopped) cost at most {worst / 3600:.0f} h on {threads} threads, "
                      f"in proportion to the rounds and epochs early stopping lets run")
-    if args.seeds < 5 or args.gru_epochs < 60 or args.max_rounds < 2000:
-        lines.append(f"stackers ran with --seeds {args.seeds} --max-rounds {args.max_rounds} --gru-epochs "
-                     f"{args.gru_epochs}: the stacker times above are for those caps, not the defaults")
+    caps = {tuple(r["caps"]) for r in rows if r.get("caps")}
+    if any(c != (5, 2000, 60) for c in caps):
+        shown = "; ".join(f"--seeds {a} --max-rounds {b} --gru-epochs {c}" for a, b, c in sorted(caps))
+        lines.append(f"stackers ran with {shown}: the stacker times above are for those caps, not the defaults")
     return lines
 
 
@@ -296,6 +311,10 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", help="where the temporary workspaces go (default: the system temp folder)")
     parser.add_argument("--keep", action="store_true", help="keep the workspaces")
+    parser.add_argument("--no-stack", action="store_true", help="every stage but the stackers")
+    parser.add_argument("--out", default="scale", help="results go to work/bench/OUT.{json,md}")
+    parser.add_argument("--append", action="store_true", help="add to the rows already in work/bench/OUT.json "
+                        "(e.g. full N without the stackers after N/16 and N/4 with them)")
     args = parser.parse_args()
     from src.atomic import write_json, write_text
     from src.paths import WORK
@@ -308,19 +327,19 @@ def main() -> int:
             "emb_dim": args.emb_dim, "seeds": args.seeds, "max_rounds": args.max_rounds,
             "gru_epochs": args.gru_epochs, "n_boot": args.n_boot, "scales": divisors}
     root = Path(tempfile.mkdtemp(prefix="ich-scale-", dir=args.workdir))
-    rows = []
+    rows = json.loads((WORK / "bench" / f"{args.out}.json").read_text())["rows"] if args.append else []
     try:
         for d in divisors:
             rows += run_scale(args.slices // d, args, root)
             lines = verdicts(rows, args.slices, args, info["cores"])
             write_json({"info": info, "rows": rows, "exponents": exponents(rows), "verdicts": lines},
-                       WORK / "bench" / "scale.json")
-            write_text(markdown(rows, info, lines), WORK / "bench" / "scale.md")
+                       WORK / "bench" / f"{args.out}.json")
+            write_text(markdown(rows, info, lines), WORK / "bench" / f"{args.out}.md")
     finally:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
     print("\n".join(verdicts(rows, args.slices, args, info["cores"])))
-    print(f"written: {WORK / 'bench' / 'scale.md'} and scale.json")
+    print(f"written: {WORK / 'bench' / args.out}.md and .json")
     return 0
 
 

@@ -40,6 +40,7 @@ def test_growth_exponent_and_goals_projected_from_the_largest_scale():
     args = argparse.Namespace(seeds=5, max_rounds=2000, gru_epochs=60)
     lines = scale.verdicts(rows, 16_000, args, threads=2)
     assert any(line.startswith("stack: 2.7 min at N=16000 (projected") and "met" in line for line in lines)
+    assert any(line.startswith("largest peak RSS at N=16000: 4.0 GB") and "met" in line for line in lines)
     report = next(line for line in lines if line.startswith("report:"))
     assert "4.3 min" in report and "met" in report  # 16 s x 4^2
     lines = scale.verdicts(rows, 64_000, args, threads=2)
