@@ -12,7 +12,7 @@ from src.atomic import write_csv, write_json
 from src.constants import FOLD_COL, ID_COL, LABELS, PATIENT, VOLUME_COL
 from src.errors import InputError
 from src.metric import score_table
-from src.predictions import fold_files, mean_over_folds, read_embeddings, read_prediction_csv
+from src.predictions import fold_files, read_embeddings, read_prediction_csv
 from src.stack.bundle import gru_over_folds, mean_by_id, save_stackers
 from src.stack.cv import CVResult, cross_fit, level2_splits
 from src.stack.features import SERIES_ID, join_series, neighbour_features, sequence_inputs
@@ -71,7 +71,7 @@ def run_stack(exp: str, oof_root: Path, meta_train: pd.DataFrame, meta_test: pd.
     test_files = fold_files(exp_dir, "test") if meta_test is not None else {}
     test_tables = {f: join_series(meta_test, read_prediction_csv(p, need_fold=True).drop(columns=FOLD_COL),
                                   what=str(p)) for f, p in test_files.items()}
-    test_ids = mean_over_folds([t[[ID_COL]] for t in test_tables.values()])[ID_COL] if test_tables else None
+    test_ids = pd.Series(pd.concat([t[ID_COL] for t in test_tables.values()]).unique()) if test_tables else None
 
     feats = neighbour_features(valid, k)
     # Test rows reach each stacker exactly as its fit rows did: one CNN fold model's predictions at a time (the
