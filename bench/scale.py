@@ -229,12 +229,20 @@ def verdicts(rows: list[dict], slices: int, args: argparse.Namespace, threads: i
 
     worst_stage, worst_gb, worst_how = "", 0.0, ""
     for stage in dict.fromkeys(r["stage"] for r in rows if r["peak_gb"] is not None):
-        n, gb = max((r["n"], r["peak_gb"]) for r in rows if r["stage"] == stage and r["peak_gb"] is not None)
-        # Linear in n is an upper bound: each stage's fixed part (interpreter, libraries) does not grow.
-        at_n = gb * slices / n
+        pts = sorted((r["n"], r["peak_gb"]) for r in rows if r["stage"] == stage and r["peak_gb"] is not None)
+        n, gb = pts[-1]
+        if n == slices:
+            at_n, how = gb, "measured"
+        elif len(pts) >= 2:
+            # Affine through the two largest scales: a stage's memory is a fixed part (interpreter, libraries)
+            # plus a part per row; never below the largest measured.
+            (n1, g1), (n2, g2) = pts[-2:]
+            at_n = max(g2, g2 + (g2 - g1) / (n2 - n1) * (slices - n2))
+            how = f"projected affinely from {g1:.2f} GB at n={n1} and {g2:.2f} GB at n={n2}"
+        else:
+            at_n, how = gb * slices / n, f"projected linearly (an upper bound) from {gb:.2f} GB at n={n}"
         if at_n > worst_gb:
-            worst_stage, worst_gb = stage, at_n
-            worst_how = "measured" if n == slices else f"projected linearly from {gb:.2f} GB at n={n}"
+            worst_stage, worst_gb, worst_how = stage, at_n, how
     lines.append(f"largest peak RSS at N={slices}: {worst_gb:.1f} GB, {worst_stage} ({worst_how}); goal <= "
                  f"{GOALS['peak_gb']:g} GB per stage: {'met' if worst_gb <= GOALS['peak_gb'] else 'missed'}")
     for stage, goal_min, key in (("stackers (LightGBM + GRU)", GOALS["stack_min"], "stack"),
@@ -313,6 +321,7 @@ def main() -> int:
     parser.add_argument("--keep", action="store_true", help="keep the workspaces")
     parser.add_argument("--no-stack", action="store_true", help="every stage but the stackers")
     parser.add_argument("--out", default="scale", help="results go to work/bench/OUT.{json,md}")
+    parser.add_argument("--render", action="store_true", help="rewrite work/bench/OUT.md from OUT.json, run nothing")
     parser.add_argument("--append", action="store_true", help="add to the rows already in work/bench/OUT.json "
                         "(e.g. full N without the stackers after N/16 and N/4 with them)")
     args = parser.parse_args()
@@ -328,6 +337,12 @@ def main() -> int:
             "gru_epochs": args.gru_epochs, "n_boot": args.n_boot, "scales": divisors}
     root = Path(tempfile.mkdtemp(prefix="ich-scale-", dir=args.workdir))
     rows = json.loads((WORK / "bench" / f"{args.out}.json").read_text())["rows"] if args.append else []
+    if args.render:  # the tables again from the saved rows, e.g. after a change to the verdicts
+        saved = json.loads((WORK / "bench" / f"{args.out}.json").read_text())
+        lines = verdicts(saved["rows"], saved["info"]["slices"], args, saved["info"]["cores"])
+        write_text(markdown(saved["rows"], saved["info"], lines), WORK / "bench" / f"{args.out}.md")
+        print("\n".join(lines))
+        return 0
     try:
         for d in divisors:
             rows += run_scale(args.slices // d, args, root)
