@@ -322,6 +322,8 @@ def main() -> int:
     parser.add_argument("--no-stack", action="store_true", help="every stage but the stackers")
     parser.add_argument("--out", default="scale", help="results go to work/bench/OUT.{json,md}")
     parser.add_argument("--render", action="store_true", help="rewrite work/bench/OUT.md from OUT.json, run nothing")
+    parser.add_argument("--merge", nargs="*", default=[], metavar="NAME",
+                        help="with --render: add the scales of work/bench/NAME.json not in OUT.json")
     parser.add_argument("--append", action="store_true", help="add to the rows already in work/bench/OUT.json "
                         "(e.g. full N without the stackers after N/16 and N/4 with them)")
     args = parser.parse_args()
@@ -339,6 +341,10 @@ def main() -> int:
     rows = json.loads((WORK / "bench" / f"{args.out}.json").read_text())["rows"] if args.append else []
     if args.render:  # the tables again from the saved rows, e.g. after a change to the verdicts
         saved = json.loads((WORK / "bench" / f"{args.out}.json").read_text())
+        for other in args.merge:  # rows of another run of the same N (e.g. full N without the stackers)
+            extra = json.loads((WORK / "bench" / f"{other}.json").read_text())
+            saved["rows"] += [r for r in extra["rows"] if r["n"] not in {q["n"] for q in saved["rows"]}]
+            saved["info"]["load_before"] = max(saved["info"]["load_before"], extra["info"]["load_before"])
         lines = verdicts(saved["rows"], saved["info"]["slices"], args, saved["info"]["cores"])
         write_text(markdown(saved["rows"], saved["info"], lines), WORK / "bench" / f"{args.out}.md")
         print("\n".join(lines))
