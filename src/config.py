@@ -38,7 +38,10 @@ class StackConfig:
     skip_gru: bool = False  # LightGBM only (no GRU, no blend)
     n_inner: int = 5  # inner patient-grouped CV folds when some CNN folds are missing
     device: str = "cpu"  # GRU device: cpu, cuda or auto
-    threads: int = 2  # CPU threads for LightGBM and torch
+    threads: int = 0  # CPU threads for LightGBM and torch; 0 = every CPU this process may use
+    seeds: int = 0  # seeds bagged per stacker model; 0 = the stackers' own default (5)
+    max_rounds: int = 0  # LightGBM boosting rounds at most; 0 = its default (2000)
+    gru_epochs: int = 0  # GRU epochs at most; 0 = its default (60)
 
 
 @dataclass
@@ -67,10 +70,10 @@ class TriageConfig:
 AFTER_TRAINING_SECTIONS: tuple[str, ...] = ("stack", "report", "triage")
 # Keys that do not change what is trained or predicted, so they stay out of the experiment name's hash. Every other
 # Config field, including ones added later, is hashed when it differs from its default: add runtime-only keys here.
-# log_every and compile change speed, not weights; `seeds` may grow on a finished fold (the trained seeds are kept,
-# the new ones train beside them), so it must keep the folder.
+# log_every and compile change speed, not weights; predict_train only adds outputs; `seeds` may grow on a finished
+# fold (the trained seeds are kept, the new ones train beside them), so it must keep the folder.
 NON_TRAINING_KEYS: frozenset[str] = frozenset({"exp", "data_dir", "num_workers", "log_every", "compile", "seeds",
-                                               *AFTER_TRAINING_SECTIONS})
+                                               "predict_train", *AFTER_TRAINING_SECTIONS})
 # The readable part of a derived experiment name; they are spelled out there, so the hash leaves them out.
 NAME_KEYS: tuple[str, ...] = ("arch", "backbone", "image_size", "context")
 
@@ -119,6 +122,7 @@ class Config:
     num_workers: int = -1  # -1: from the machine (its cores per process, minus the main one); 0: no workers
     seed: int = 0
     tta_flip: bool = True
+    predict_train: bool = False  # also predict the fold's training rows (fold{K}_train_emb.npy): ~4x the OOF time
     amp: bool = True  # only ever used on CUDA
     limit_train_batches: int = 0  # >0: cut each epoch short (tests and smoke runs)
     aug: AugConfig = field(default_factory=AugConfig)

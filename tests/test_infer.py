@@ -278,14 +278,14 @@ def fit_tiny_stackers(exp: str, tables: dict, embs: dict, with_gru: bool = True)
     y[table["slice_pos"].isin([2, 3]).to_numpy()] = 1.0
     feats, groups = neighbour_features(table, 1), table["PatientID"].to_numpy()
     emb = np.tile(embs[0][np.argsort(tables[0]["position"].to_numpy())], (6, 1))
-    X = sequence_inputs(table, emb)
+    X = sequence_inputs(table)
     halves = [table["PatientID"].isin(["P0", "P1", "P2", "P3"]).to_numpy(), table["PatientID"].ne("P0").to_numpy()]
     lgbm = [LGBMStacker(n_estimators=20, min_child_samples=2, early_stopping_rounds=5, n_jobs=1).fit(
         feats[r], y[r], groups[r]) for r in halves]
     results = {"lgbm": CVResult(y, None, models=lgbm)}
     if with_gru:
         gru = [GRUStacker(epochs=2, hidden_size=8, proj_size=8, random_state=i).fit(
-            X[r], y[r], table["series_id"].to_numpy()[r], groups[r]) for i, r in enumerate(halves)]
+            X[r], y[r], table["series_id"].to_numpy()[r], groups[r], emb=emb[r]) for i, r in enumerate(halves)]
         results["gru"] = CVResult(y, None, models=gru)
     save_stackers(exp, results, {"exp": exp, "cv_mode": "same_folds", "n_models": 2, "k": 1, "seed": 0,
                                  "cnn_folds": [0, 1], "folds_available": [0, 1], "with_volume": True,

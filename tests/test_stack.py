@@ -23,7 +23,6 @@ from src.stack.features import (
     assemble_series,
     join_series,
     neighbour_features,
-    sequence_emb_start,
     sequence_inputs,
 )
 from src.stack.gru import GRUStacker, SliceSequenceNet, length_mask, pad_batch, reverse_sequences, series_segments
@@ -300,7 +299,7 @@ def test_series_segments_require_contiguous_rows():
 def test_gru_stacker_is_seeded_and_beats_the_cnn_on_neighbour_structure():
     torch.set_num_threads(1)
     table, _, y = _fake_level2(seed=2)
-    X = sequence_inputs(table, None)
+    X = sequence_inputs(table)
     series, groups = table[SERIES_ID].to_numpy(), table["PatientID"].to_numpy()
     fit_rows = np.flatnonzero(table[FOLD_COL].to_numpy() != 0)
     pred_rows = np.flatnonzero(table[FOLD_COL].to_numpy() == 0)
@@ -427,22 +426,25 @@ def test_gru_bag_is_the_mean_of_its_seeds_and_pca_is_fit_on_the_fit_rows():
     torch.set_num_threads(1)
     table, _, y = _fake_level2(seed=7, n_patients=20)
     emb = np.random.RandomState(0).normal(size=(len(table), 10)).astype(np.float32)
-    X, start = sequence_inputs(table, emb), sequence_emb_start(table)  # after probabilities, position, volume
+    X, start = sequence_inputs(table), sequence_inputs(table).shape[1]  # probabilities, position, volume
     series, groups = table[SERIES_ID].to_numpy(), table["PatientID"].to_numpy()
     fit_rows = np.flatnonzero(table[FOLD_COL].to_numpy() != 0)
     pred_rows = np.flatnonzero(table[FOLD_COL].to_numpy() == 0)
-    params = {**FAST_GRU, "epochs": 3, "emb_start": start, "emb_components": 3}
+    params = {**FAST_GRU, "epochs": 3, "emb_components": 3}
     def fit(**kw):
-        return GRUStacker(**{**params, **kw}).fit(X[fit_rows], y[fit_rows], series[fit_rows], groups[fit_rows])
+        return GRUStacker(**{**params, **kw}).fit(X[fit_rows], y[fit_rows], series[fit_rows], groups[fit_rows],
+                                                  emb=emb[fit_rows])
     bag, one, two = fit(n_seeds=2, random_state=5), fit(n_seeds=1, random_state=5), fit(n_seeds=1, random_state=6)
     assert len(bag.nets_) == 2 and bag.emb_axes_.shape == (10, 3)
     def predict(m):
-        return m.predict_proba(X[pred_rows], series[pred_rows])
+        return m.predict_proba(X[pred_rows], series[pred_rows], emb=emb[pred_rows])
     np.testing.assert_allclose(predict(bag), (predict(one) + predict(two)) / 2, rtol=1e-5)
-    centred = X[fit_rows, start:] - X[fit_rows, start:].mean(0)
+    centred = emb[fit_rows] - emb[fit_rows].mean(0)
     top = np.linalg.svd(centred, full_matrices=False)[2][0]
     assert abs(abs(float(bag.emb_axes_[:, 0] @ top)) - 1) < 1e-4  # first axis = the fit rows' first component
     assert bag.nets_[0].proj[0].in_features == start + 3  # all but the embedding, 3 components
     np.testing.assert_allclose(predict(GRUStacker.from_state(bag.to_state())), predict(bag), rtol=1e-5)
     with pytest.raises(ValueError, match="columns"):
-        bag.predict_proba(X[pred_rows, :-1], series[pred_rows])
+        bag.predict_proba(X[pred_rows, :-1], series[pred_rows], emb=emb[pred_rows])
+    with pytest.raises(ValueError, match="emb"):
+        bag.predict_proba(X[pred_rows], series[pred_rows])

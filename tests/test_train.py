@@ -47,7 +47,8 @@ def test_oof_rows_are_exactly_the_held_out_fold(tiny_data):
     test = pd.read_csv(out_dir / "fold1_test.csv")
     test_meta, _, _ = load_cache(tiny_data, 64, "test")
     assert set(test["ID"]) == set(test_meta["ID"])
-    for split, n in (("train", len(meta) - len(expected)), ("valid", len(expected)), ("test", len(test_meta))):
+    assert not (out_dir / "fold1_train_emb.npy").exists()  # in-sample predictions only when predict_train asks
+    for split, n in (("valid", len(expected)), ("test", len(test_meta))):
         emb = np.load(out_dir / f"fold1_{split}_emb.npy")
         ids = pd.read_csv(out_dir / f"fold1_{split}_emb_ids.csv")
         assert emb.shape[0] == len(ids) == n and emb.dtype == np.float16 and np.isfinite(emb).all()
@@ -94,7 +95,10 @@ def test_killed_run_resumes_from_epoch_two(tiny_data, monkeypatch):
 def test_changed_config_refuses_to_resume(tiny_data):
     from src.errors import InputError
 
-    run_fold(fast_config(tiny_data, "t_cfg", "epochs=1"), 2, tiny_data)
+    out_dir = run_fold(fast_config(tiny_data, "t_cfg", "epochs=1", "predict_train=true"), 2, tiny_data)
+    train_ids = pd.read_csv(out_dir / "fold2_train_emb_ids.csv")["ID"]
+    folds = load_folds(tiny_data, 5, 42).set_index("ID")["fold"]
+    assert len(train_ids) == len(np.load(out_dir / "fold2_train_emb.npy")) and (folds.loc[train_ids] != 2).all()
     with pytest.raises(InputError, match="lr"):
         run_fold(fast_config(tiny_data, "t_cfg", "epochs=1", "lr=0.5"), 2, tiny_data)
 

@@ -105,7 +105,8 @@ def predict_outputs(model: nn.Module, cfg: Config, rt: Runtime, data_dir: Path, 
     test_meta, test_images, _ = load_cache(data_dir, cfg.image_size, "test")
     test_ds = SliceDataset(test_meta, test_images, cfg.context, with_labels=False)
     results["test"] = (test_meta, predict(test_ds, cfg.tta_flip, f"{tag} test"))
-    results["train"] = (train_meta, predict(SliceDataset(train_meta, images, cfg.context), False, f"{tag} train"))
+    if cfg.predict_train:  # in-sample predictions: nothing in the pipeline reads them, a stacker must not
+        results["train"] = (train_meta, predict(SliceDataset(train_meta, images, cfg.context), False, f"{tag} train"))
     return results
 
 
@@ -134,7 +135,7 @@ def run_fold(cfg: Config, fold: int, data_dir: Path) -> Path:
         finished = finished and progress.finished(total_epochs)
         train_epochs(model, train_ds, valid_ds, cfg, rt, phases, progress, run, out_dir)
 
-    emb_splits = ("train", "test", "valid") if has_valid else ("train", "test")
+    emb_splits = ("test", "valid")[: 1 + has_valid] + (("train",) if cfg.predict_train else ())
     if finished and predictions.predictions_complete(out_dir, tag, has_valid, emb_splits):
         if rank == 0:
             print(f"[train] {tag} is complete: {out_dir}/{tag}_* (delete {model_dir} to train it again)")

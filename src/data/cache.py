@@ -23,6 +23,7 @@ from src.data import dicom
 from src.data.dicom import DicomError
 from src.data.dicom_fast import read_channels
 from src.data.metadata import load_metadata
+from src.data.store import cache_bytes, ensure_room
 from src.data.windows import mask_to_size
 from src.errors import InputError, run_cli
 
@@ -199,6 +200,9 @@ def build_cache(
         if c not in done
     ]
     todo_rows = sum(len(t["rows"]) for t in tasks)
+    todo_masks = sum(r[5] >= 0 for t in tasks for r in t["rows"])
+    if todo_rows:
+        ensure_room(files["images"].parent, cache_bytes(todo_rows, todo_masks, size), f"{split} cache at {size} px")
     start = time.perf_counter()
     with tqdm(total=todo_rows, desc=f"cache {split} {size}px", disable=todo_rows == 0) as bar:
         pool = Pool(workers, initializer=_init_worker) if workers > 1 and len(tasks) > 1 else None

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +16,6 @@ from src import paths
 from src.atomic import atomic_path, write_json
 from src.constants import ID_COL, LABELS, SERIES_KEYS, VOLUME_COL
 from src.errors import InputError
-from src.predictions import mean_over_folds
 from src.stack.cv import CVResult
 from src.stack.features import SERIES_ID, assemble_series, join_series, neighbour_features, sequence_inputs
 from src.stack.gru import GRUStacker
@@ -25,15 +24,20 @@ from src.stack.lgbm import LGBMStacker
 KINDS = ("lgbm", "gru", "blend")  # the saved stackers; blend = the mean of the other two
 
 
-def gru_over_folds(model: GRUStacker, fold_inputs: Sequence[tuple[pd.DataFrame, np.ndarray]],
+def mean_by_id(preds: Iterable[tuple[pd.Series, np.ndarray]], ids: pd.Series) -> np.ndarray:
+    """[N, 6] for `ids`: the mean over (ids_f, probs_f) pairs, one per CNN fold model, of each ID's probabilities."""
+    frames = [pd.DataFrame(p, index=np.asarray(i)) for i, p in preds]
+    return pd.concat(frames).groupby(level=0, sort=False).mean().loc[np.asarray(ids)].to_numpy()
+
+
+def gru_over_folds(model: GRUStacker, fold_inputs: Iterable[tuple[pd.DataFrame, np.ndarray, np.ndarray | None]],
                    ids: pd.Series) -> np.ndarray:
-    """One GRU's [N, 6] for `ids`: each fold's (assembled table, inputs) scored apart, then averaged over folds.
+    """One GRU's [N, 6] for `ids`: each fold's (assembled table, inputs, embedding) scored apart, then averaged.
 
     Each fold's embeddings live in that fold model's space, so the GRU scores them separately (averaging
     embeddings across models would be meaningless)."""
-    preds = [pd.DataFrame(model.predict_proba(Xt, t[SERIES_ID].to_numpy()), index=t[ID_COL].to_numpy())
-             for t, Xt in fold_inputs]
-    return pd.concat(preds).groupby(level=0).mean().loc[ids].to_numpy()
+    return mean_by_id(((t[ID_COL], model.predict_proba(Xt, t[SERIES_ID].to_numpy(), emb=emb))
+                       for t, Xt, emb in fold_inputs), ids)
 
 
 def stack_model_dir(exp: str) -> Path:
@@ -79,7 +83,7 @@ class StackerBundle:
 
         tables: CNN fold number -> that fold model's table, same IDs in the same order in each: `ID`, the series
         keys, `position`, the six probabilities (+ `blood_volume_mm3` when the stackers used it). LightGBM reads
-        the mean over folds; the GRU scores each fold with that fold's embeddings [N, D] and averages.
+        each fold's table, the GRU each fold's table with that fold's embeddings [N, D]; both average over folds.
         """
         kinds = list(kinds or self.kinds)
         unknown = [k for k in kinds if k not in self.kinds]
@@ -101,10 +105,11 @@ class StackerBundle:
         meta = parts[0][[ID_COL, *SERIES_KEYS, "position"]]
         out = {}
         if {"lgbm", "blend"} & set(kinds):
-            mean = join_series(meta, mean_over_folds([p.drop(columns=[*SERIES_KEYS, "position"]) for p in parts]))
-            feats = neighbour_features(mean, self.manifest["k"])
-            p = np.mean([m.predict_proba(feats) for m in self.lgbm], axis=0)
-            out["lgbm"] = pd.DataFrame(p, index=mean[ID_COL].to_numpy()).loc[ids].to_numpy()
+            # As in stack_test.csv: each fold model's predictions through each stacker, then the mean.
+            tables_f = [join_series(meta, p.drop(columns=[*SERIES_KEYS, "position"])) for p in parts]
+            fold_feats = [(t[ID_COL], neighbour_features(t, self.manifest["k"])) for t in tables_f]
+            out["lgbm"] = np.mean([mean_by_id([(i, m.predict_proba(f)) for i, f in fold_feats], ids)
+                                   for m in self.lgbm], axis=0)
         if {"gru", "blend"} & set(kinds):
             fold_inputs = []
             for f, part in zip(folds, parts):
@@ -117,7 +122,7 @@ class StackerBundle:
                     if emb.shape[1] != self.manifest["emb_dim"]:
                         raise InputError(f"fold {f} embeddings are {emb.shape[1]}-d; the GRU was fit on "
                                          f"{self.manifest['emb_dim']}-d")
-                fold_inputs.append((table, sequence_inputs(table, emb)))
+                fold_inputs.append((table, sequence_inputs(table), emb))
             out["gru"] = np.mean([gru_over_folds(m, fold_inputs, ids) for m in self.gru], axis=0)
         if "blend" in kinds:
             out["blend"] = (out["lgbm"] + out["gru"]) / 2
@@ -138,7 +143,7 @@ def load_stackers(exp: str, device: str = "cpu", model_dir: Path | None = None) 
         if "gru" in manifest["kinds"]:
             states = torch.load(model_dir / "gru.pt", map_location="cpu", weights_only=True)
             gru = [GRUStacker.from_state(s, device) for s in states]
-    except (OSError, json.JSONDecodeError, KeyError, RuntimeError, lgb.basic.LightGBMError) as err:
+    except (OSError, json.JSONDecodeError, KeyError, ValueError, RuntimeError, lgb.basic.LightGBMError) as err:
         raise InputError(f"{model_dir}: unreadable saved stackers ({type(err).__name__}: {err}); "
                          f"re-run python -m src.stack --exp {exp}") from err
     return StackerBundle(manifest, lgbm, gru, model_dir)

@@ -10,11 +10,12 @@ import torch.nn.functional as F
 from sklearn.base import BaseEstimator
 from sklearn.model_selection import GroupShuffleSplit
 from torch import nn
-from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence, pad_sequence
 from tqdm import tqdm
 
 from src.constants import LABEL_WEIGHTS, LABELS
 from src.stack.features import clipped_logit
+from src.stack.pca import PCA_SAMPLE_ROWS, fit_axes, project
 
 N_LABELS = len(LABELS)
 PROB_CLIP = 1e-5  # the CNN probabilities enter as logits; 1e-5 keeps them finite (|logit| <= 11.5)
@@ -35,13 +36,7 @@ def series_segments(series: np.ndarray) -> list[np.ndarray]:
 def pad_batch(rows: list[np.ndarray], *arrays: np.ndarray) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Pad each array's rows per series to [B, T, C] with zeros; returns the lengths [B] and the padded tensors."""
     lengths = torch.tensor([len(r) for r in rows], dtype=torch.long)
-    t_max = int(lengths.max())
-    out = []
-    for arr in arrays:
-        padded = np.zeros((len(rows), t_max, arr.shape[1]), dtype=np.float32)
-        for b, r in enumerate(rows):
-            padded[b, : len(r)] = arr[r]
-        out.append(torch.from_numpy(padded))
+    out = [pad_sequence([torch.from_numpy(arr[r]) for r in rows], batch_first=True) for arr in arrays]
     return lengths, out
 
 
@@ -92,13 +87,15 @@ def masked_weighted_bce(logits: torch.Tensor, y: torch.Tensor, lengths: torch.Te
 
 
 class GRUStacker(BaseEstimator):
-    """Six-label sequence stacker. X [N, F] holds the six CNN probabilities in columns 0..5 then any other per-slice
-    features; `series` [N] names each row's series, rows of a series contiguous and ordered along the normal.
+    """Six-label sequence stacker. X [N, F] holds the six CNN probabilities in columns 0..5 then any other small
+    per-slice features; `series` [N] names each row's series, rows of a series contiguous and ordered along the
+    normal; `emb` [N, D] (optional, any float dtype: float16 is read in chunks, never copied whole to float32) is
+    the CNN's slice embedding.
 
-    Columns from `emb_start` on (the CNN's slice embedding) are reduced by a PCA fit on the rows given to `fit`
-    to `emb_components` dimensions before they reach the net: on a few thousand slices a learned 512 -> D
-    projection overfits (on the embedded default, bags of 5 seeds: raw 512-d 0.1966 wll, 8 components 0.1865,
-    CNN 0.1917). `emb_components=None` or `emb_start=None` keeps every column as it is.
+    The embedding is reduced to `emb_components` dimensions by a PCA fit on the rows given to `fit` (a float32
+    sample of at most `pca_sample` of them) before it reaches the net: on a few thousand slices a learned
+    512 -> D projection overfits (on the embedded default, bags of 5 seeds: raw 512-d 0.1966 wll, 8 components
+    0.1865, CNN 0.1917). `emb_components=None` feeds the embedding as it is.
 
     Early stopping on an inner validation split grouped by `groups` (patients); the best epoch's weights are kept.
     `n_seeds` nets, each with its own seed and inner split, are fit and their probabilities averaged.
@@ -107,7 +104,7 @@ class GRUStacker(BaseEstimator):
     def __init__(self, hidden_size: int = 64, proj_size: int = 64, num_layers: int = 1, dropout: float = 0.1,
                  epochs: int = 60, batch_size: int = 16, lr: float = 2e-3, weight_decay: float = 1e-4,
                  reverse_prob: float = 0.5, valid_fraction: float = 0.15, patience: int = 8,
-                 emb_start: int | None = None, emb_components: int | None = 8, n_seeds: int = 5,
+                 emb_components: int | None = 8, pca_sample: int = PCA_SAMPLE_ROWS, n_seeds: int = 5,
                  device: str = "cpu", random_state: int = 0) -> None:
         self.hidden_size = hidden_size
         self.proj_size = proj_size
@@ -120,45 +117,40 @@ class GRUStacker(BaseEstimator):
         self.reverse_prob = reverse_prob
         self.valid_fraction = valid_fraction
         self.patience = patience
-        self.emb_start = emb_start
         self.emb_components = emb_components
+        self.pca_sample = pca_sample
         self.n_seeds = n_seeds
         self.device = device
         self.random_state = random_state
 
-    def _reduces(self, n_columns: int) -> bool:
-        return self.emb_start is not None and self.emb_components is not None and self.emb_start < n_columns
-
-    def _fit_pca(self, X: np.ndarray) -> None:
-        """Principal axes of the embedding block of X (the fit rows); empty arrays when nothing is reduced."""
-        if not self._reduces(X.shape[1]):
+    def _fit_pca(self, emb: np.ndarray | None) -> None:
+        """Principal axes of the fit rows' embedding; empty arrays when there is none or nothing is reduced."""
+        self.emb_dim_ = 0 if emb is None else int(emb.shape[1])
+        if emb is None or self.emb_components is None:
             self.emb_mean_, self.emb_axes_ = np.zeros(0, np.float32), np.zeros((0, 0), np.float32)
             return
-        if self.emb_start < N_LABELS:
-            raise ValueError(f"emb_start must be >= {N_LABELS} (the probabilities come first), got {self.emb_start}")
-        block = X[:, self.emb_start :].astype(np.float64)
-        self.emb_mean_ = block.mean(0).astype(np.float32)
-        _, _, vt = np.linalg.svd(block - self.emb_mean_, full_matrices=False)
-        self.emb_axes_ = vt[: min(self.emb_components, len(vt))].T.astype(np.float32)  # [D, components]
+        self.emb_mean_, self.emb_axes_ = fit_axes(emb, self.emb_components, self.pca_sample, self.random_state)
 
-    def _inputs(self, X: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _inputs(self, X: np.ndarray, emb: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        """Normalised net inputs [N, F'] and the CNN's logits [N, 6], both float32."""
         X = np.asarray(X, dtype=np.float32)
         if X.ndim != 2 or X.shape[1] != self.n_features_in_:
             raise ValueError(f"X must have {self.n_features_in_} columns (as in fit), got shape {X.shape}")
+        if (emb is None) != (self.emb_dim_ == 0) or (emb is not None and emb.shape != (len(X), self.emb_dim_)):
+            got = None if emb is None else emb.shape
+            raise ValueError(f"emb must be [{len(X)}, {self.emb_dim_}] as in fit (0 = none), got {got}")
         base = clipped_logit(X[:, :N_LABELS], PROB_CLIP).astype(np.float32)
-        if self.emb_axes_.size:
-            rest = [X[:, N_LABELS : self.emb_start], (X[:, self.emb_start :] - self.emb_mean_) @ self.emb_axes_]
-        else:
-            rest = [X[:, N_LABELS:]]
+        rest = [X[:, N_LABELS:]]
+        if emb is not None:
+            rest.append(project(emb, self.emb_mean_, self.emb_axes_) if self.emb_axes_.size
+                        else np.asarray(emb, dtype=np.float32))
         feats = np.concatenate([base, *rest], axis=1)
-        return ((feats - self.mean_) / self.scale_).astype(np.float32), base.astype(np.float32)
+        feats -= self.mean_
+        feats /= self.scale_
+        return feats, base
 
-    def _device(self) -> torch.device:
-        if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return torch.device(self.device)
-
-    def fit(self, X: np.ndarray, y: np.ndarray, series: np.ndarray, groups: np.ndarray | None = None) -> GRUStacker:
+    def fit(self, X: np.ndarray, y: np.ndarray, series: np.ndarray, groups: np.ndarray | None = None,
+            emb: np.ndarray | None = None) -> GRUStacker:
         X = np.asarray(X, dtype=np.float32)
         y = np.asarray(y, dtype=np.float32)
         if X.ndim != 2 or X.shape[1] < N_LABELS or len(y) != len(X) or y.shape[1:] != (N_LABELS,):
@@ -166,12 +158,13 @@ class GRUStacker(BaseEstimator):
         if self.n_seeds < 1:
             raise ValueError(f"n_seeds must be >= 1, got {self.n_seeds}")
         self.n_features_in_ = X.shape[1]
-        self._fit_pca(X)
+        self._fit_pca(emb)
         self.mean_, self.scale_ = np.float32(0.0), np.float32(1.0)
-        raw, _ = self._inputs(X)
-        self.mean_ = raw.mean(0)
-        self.scale_ = np.where(raw.std(0) > 1e-6, raw.std(0), 1.0).astype(np.float32)
-        feats, base = self._inputs(X)
+        feats, base = self._inputs(X, emb)
+        self.mean_ = feats.mean(0)
+        std = feats.std(0)
+        self.scale_ = np.where(std > 1e-6, std, 1.0).astype(np.float32)
+        feats = ((feats - self.mean_) / self.scale_).astype(np.float32)
         segments = series_segments(series)
         seg_groups = np.array([groups[s[0]] for s in segments]) if groups is not None else np.arange(len(segments))
         # A bag of seeds, each with its own inner split: on ~100 series one net's OOF log loss swings by +-0.01
@@ -181,6 +174,11 @@ class GRUStacker(BaseEstimator):
         self.best_epochs_ = [epoch for _, epoch, _ in fits]
         self.history_ = [history for _, _, history in fits]
         return self
+
+    def _device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
 
     def _fit_one(self, feats: np.ndarray, base: np.ndarray, y: np.ndarray, segments: list[np.ndarray],
                  seg_groups: np.ndarray, seed: int) -> tuple[nn.Module, int, list[dict]]:
@@ -238,9 +236,9 @@ class GRUStacker(BaseEstimator):
                 count += n
         return total / count
 
-    def predict_proba(self, X: np.ndarray, series: np.ndarray) -> np.ndarray:
+    def predict_proba(self, X: np.ndarray, series: np.ndarray, emb: np.ndarray | None = None) -> np.ndarray:
         """[N, 6] probabilities in X's row order."""
-        feats, base = self._inputs(X)
+        feats, base = self._inputs(X, emb)
         out = np.zeros((len(feats), N_LABELS), dtype=np.float64)
         segments = series_segments(series)
         dev = self._device()
@@ -251,13 +249,12 @@ class GRUStacker(BaseEstimator):
                 # Mean of the bag's probabilities (not logits): each net is calibrated on its own.
                 xb, bb = xb.to(dev), bb.to(dev)
                 prob = np.mean([torch.sigmoid(net(xb, lengths, bb)).cpu().numpy() for net in self.nets_], axis=0)
-                for b, r in enumerate(chunk):
-                    out[r] = prob[b, : len(r)]
+                out[np.concatenate(chunk)] = prob[length_mask(lengths, prob.shape[1]).numpy()]
         return out
 
     def to_state(self) -> dict:
         """What a fitted stacker needs to predict again: constructor params, input normalisation, net weights."""
-        return {"params": self.get_params(), "n_features_in": int(self.n_features_in_),
+        return {"params": self.get_params(), "n_features_in": int(self.n_features_in_), "emb_dim": self.emb_dim_,
                 "mean": torch.from_numpy(np.asarray(self.mean_, np.float32)),
                 "scale": torch.from_numpy(np.asarray(self.scale_, np.float32)),
                 "emb_mean": torch.from_numpy(self.emb_mean_), "emb_axes": torch.from_numpy(self.emb_axes_),
@@ -266,13 +263,21 @@ class GRUStacker(BaseEstimator):
     @classmethod
     def from_state(cls, state: dict, device: str = "cpu") -> GRUStacker:
         """Inverse of `to_state`; predicts on `device` whatever it was fit on."""
-        est = cls(**{**state["params"], "device": device})
+        params = dict(state["params"])
+        # Bundles saved while the embedding was X's trailing columns (from `emb_start` on) convert exactly: the
+        # net's inputs were [logits, other columns, components] then as now.
+        emb_start = params.pop("emb_start", None)
+        est = cls(**{**params, "device": device})
         est.n_features_in_ = int(state["n_features_in"])
+        est.emb_dim_ = int(state.get("emb_dim", 0))
+        if "emb_dim" not in state and emb_start is not None:
+            est.n_features_in_, est.emb_dim_ = int(emb_start), est.n_features_in_ - int(emb_start)
+        elif "emb_dim" not in state and "emb_axes" not in state:
+            raise ValueError("GRU stacker saved before its embedding had its own input; re-run python -m src.stack")
         est.mean_ = state["mean"].numpy()
         est.scale_ = state["scale"].numpy()
-        # Bundles saved before the PCA existed carry no axes: they read the embedding as it is.
-        est.emb_mean_ = state.get("emb_mean", torch.zeros(0)).numpy().astype(np.float32)
-        est.emb_axes_ = state.get("emb_axes", torch.zeros(0, 0)).numpy().astype(np.float32)
+        est.emb_mean_ = state["emb_mean"].numpy().astype(np.float32)
+        est.emb_axes_ = state["emb_axes"].numpy().astype(np.float32)
         est.nets_ = []
         for weights in state.get("state_dicts") or [state["state_dict"]]:  # one net per seed; older bundles: one
             net = SliceSequenceNet(len(est.mean_), est.proj_size, est.hidden_size, est.num_layers, est.dropout)

@@ -10,6 +10,10 @@ from sklearn.model_selection import GroupShuffleSplit
 
 from src.constants import LABELS
 from src.stack.features import clipped_logit
+from src.stack.threads import machine_threads
+
+# Fixed, so that the one binning of the fit rows (shared by every seed and label) does not depend on the seed.
+DATA_SEED = 1
 
 
 class LGBMStacker(BaseEstimator):
@@ -19,6 +23,10 @@ class LGBMStacker(BaseEstimator):
     on ~100 training series one set's OOF log loss swings by ±0.005 from seed to seed and each set is
     overconfident in its own way (embedded default: single seeds 0.199-0.208 wll, their mean of five 0.188).
     `boosters_[s][j]` is seed s's model of label j (a float: a constant rate where the label had one class).
+
+    The fit rows are binned once (one LightGBM Dataset) and every seed's train/valid part of every label is a
+    subset of it: binning 600k x 160 features costs about as much as 50 boosting rounds, 60 times per fit before.
+    `n_jobs=0` uses every CPU this process may run on.
     """
 
     def __init__(
@@ -32,7 +40,7 @@ class LGBMStacker(BaseEstimator):
         reg_lambda: float = 1.0,
         valid_fraction: float = 0.2,
         early_stopping_rounds: int = 100,
-        n_jobs: int = 2,
+        n_jobs: int = 0,
         verbose: bool = False,
         n_seeds: int = 5,
         random_state: int = 0,
@@ -62,16 +70,18 @@ class LGBMStacker(BaseEstimator):
         self.n_features_in_ = X.shape[1]
         if self.n_seeds < 1:
             raise ValueError(f"n_seeds must be >= 1, got {self.n_seeds}")
-        fits = [self._fit_seed(X, y, groups, self.random_state + s) for s in range(self.n_seeds)]
+        # Boost from the CNN's own logit (init_score): trees learn a correction to the slice's probability, so
+        # with little OOF (one fold) early stopping keeps the CNN rather than a worse model from scratch.
+        base = np.stack([clipped_logit(X[name].to_numpy()) for name in LABELS], axis=1)
+        binned = lgb.Dataset(X.to_numpy(dtype=np.float32), y[:, 0], feature_name=[str(c) for c in X.columns],
+                             params=self._params(self.random_state), free_raw_data=True).construct()
+        fits = [self._fit_seed(binned, y, base, groups, self.random_state + s) for s in range(self.n_seeds)]
         self.boosters_ = [boosters for boosters, _ in fits]
         self.best_iterations_ = [best for _, best in fits]
         return self
 
-    def _fit_seed(self, X: pd.DataFrame, y: np.ndarray, groups: np.ndarray,
-                  seed: int) -> tuple[list[lgb.Booster | float], list[int]]:
-        split = GroupShuffleSplit(n_splits=1, test_size=self.valid_fraction, random_state=seed)
-        tr, va = next(split.split(X, groups=groups))
-        params = {
+    def _params(self, seed: int) -> dict:
+        return {
             "objective": "binary",
             "learning_rate": self.learning_rate,
             "num_leaves": self.num_leaves,
@@ -80,11 +90,19 @@ class LGBMStacker(BaseEstimator):
             "bagging_freq": 1,
             "feature_fraction": self.colsample_bytree,
             "lambda_l2": self.reg_lambda,
-            "num_threads": self.n_jobs,
+            "num_threads": self.n_jobs or machine_threads(),
             "seed": seed,
+            "data_random_seed": DATA_SEED,
+            "feature_pre_filter": False,
             "deterministic": True,
             "verbosity": -1,
         }
+
+    def _fit_seed(self, binned: lgb.Dataset, y: np.ndarray, base: np.ndarray, groups: np.ndarray,
+                  seed: int) -> tuple[list[lgb.Booster | float], list[int]]:
+        split = GroupShuffleSplit(n_splits=1, test_size=self.valid_fraction, random_state=seed)
+        tr, va = next(split.split(np.zeros(len(y)), groups=groups))
+        params = self._params(seed)
         boosters: list[lgb.Booster | float] = []
         best_iterations: list[int] = []
         for j, name in enumerate(LABELS):
@@ -93,11 +111,11 @@ class LGBMStacker(BaseEstimator):
                 boosters.append(float((y[:, j].sum() + 0.5) / (len(y) + 1.0)))
                 best_iterations.append(0)
                 continue
-            # Boost from the CNN's own logit (init_score): trees learn a correction to the slice's probability, so
-            # with little OOF (one fold) early stopping keeps the CNN rather than a worse model from scratch.
-            base = clipped_logit(X[name].to_numpy())
-            train_set = lgb.Dataset(X.iloc[tr], y[tr, j], init_score=base[tr], free_raw_data=True)
-            valid_set = lgb.Dataset(X.iloc[va], y[va, j], init_score=base[va], reference=train_set)
+            # Subsets share the parent's bins; label and init score are set on each after it is built.
+            train_set, valid_set = binned.subset(tr, params).construct(), binned.subset(va, params).construct()
+            for part, rows in ((train_set, tr), (valid_set, va)):
+                part.set_label(y[rows, j])
+                part.set_init_score(base[rows, j])
             booster = lgb.train(
                 params,
                 train_set,
@@ -118,13 +136,15 @@ class LGBMStacker(BaseEstimator):
         if list(X.columns) != list(self.feature_names_in_):
             raise ValueError("feature columns differ from those seen in fit")
         out = np.zeros((len(X), len(LABELS)))
+        values = X.to_numpy(dtype=np.float32)  # once, not once per booster
         for boosters, best_iterations in zip(self.boosters_, self.best_iterations_):
             for j, (booster, best) in enumerate(zip(boosters, best_iterations)):
                 if isinstance(booster, float):
                     out[:, j] += booster
                 else:
                     base = clipped_logit(X[LABELS[j]].to_numpy())
-                    raw = booster.predict(X, num_iteration=best, raw_score=True) + base
+                    raw = booster.predict(values, num_iteration=best, raw_score=True,
+                                          num_threads=self.n_jobs or machine_threads()) + base
                     out[:, j] += 1.0 / (1.0 + np.exp(-raw))
         return out / len(self.boosters_)
 
