@@ -152,5 +152,5 @@ class SliceDataset(Dataset):
             "voxel_mm3": torch.tensor(voxel, dtype=torch.float32),
         }
         if self.labels is not None:
-            item["labels"] = torch.from_numpy(self.labels[i])
+            item["labels"] = torch.tensor(self.labels[i])  # a copy: pandas may hand out a read-only array
         return item
