@@ -73,3 +73,10 @@ def test_run_record_has_versions_and_git():
     pins = dict(line.split("==") for line in (ROOT / "requirements.txt").read_text().splitlines() if "==" in line)
     assert {"torch", "torchvision"} <= set(pins)
     assert record["config"]["backbone"] == "resnet10t" and record["git"]
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_load(path):
+    # A shipped config with a key this version no longer knows would fail on the user's GPU, hours from here.
+    cfg = load_config(str(path))
+    assert cfg.exp_name.startswith(f"{cfg.arch}-{cfg.backbone}-{cfg.image_size}px-c{cfg.context}")
