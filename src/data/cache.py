@@ -86,10 +86,6 @@ def _read_mask(path: Path, shape: tuple[int, int]) -> np.ndarray:
     return mask
 
 
-def _init_worker() -> None:
-    cv2.setNumThreads(1)  # one process per core already; OpenCV's own threads would oversubscribe
-
-
 def _process_chunk(task: dict) -> tuple[int, list[list]]:
     """Fill the chunk's rows of the .partial memmaps; returns [ID, path, reason, kind] for what was skipped."""
     data_dir, size = Path(task["data_dir"]), task["size"]
@@ -205,7 +201,13 @@ def build_cache(
         ensure_room(files["images"].parent, cache_bytes(todo_rows, todo_masks, size), f"{split} cache at {size} px")
     start = time.perf_counter()
     with tqdm(total=todo_rows, desc=f"cache {split} {size}px", disable=todo_rows == 0) as bar:
-        pool = Pool(workers, initializer=_init_worker) if workers > 1 and len(tasks) > 1 else None
+        pool, cv2_threads = None, cv2.getNumThreads()
+        if workers > 1 and len(tasks) > 1:
+            # A child forked while OpenCV's thread pool runs deadlocks in its first cv2 call (a notebook or test that
+            # resized anything before building the cache hung here for good): no OpenCV threads across the fork.
+            # The children inherit 0 too, which is what they want: one process per core already.
+            cv2.setNumThreads(0)
+            pool = Pool(workers)
         try:
             results = pool.imap_unordered(_process_chunk, tasks) if pool else map(_process_chunk, tasks)
             sizes = {t["chunk"]: len(t["rows"]) for t in tasks}
@@ -218,6 +220,7 @@ def build_cache(
             if pool:
                 pool.terminate()
                 pool.join()
+            cv2.setNumThreads(cv2_threads)
     elapsed = time.perf_counter() - start
     if todo_rows:
         print(f"cached {todo_rows} images in {elapsed:.1f} s ({todo_rows / max(elapsed, 1e-9):.1f} images/s)")
