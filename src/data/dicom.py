@@ -71,24 +71,23 @@ def _first(value: Any) -> Any:
     return value
 
 
-def _float(ds: pydicom.Dataset, keyword: str, default: float) -> float:
+def _number(ds: pydicom.Dataset, keyword: str, default: Any, kind: Callable[[Any], Any]) -> Any:
+    """The element as `kind` (int or float); absent, empty or unparsable values give the default."""
     value = _first(ds.get(keyword))
     if value is None or value == "":
         return default
     try:
-        return float(value)
+        return kind(value)
     except (TypeError, ValueError):
         return default
+
+
+def _float(ds: pydicom.Dataset, keyword: str, default: float) -> float:
+    return _number(ds, keyword, default, float)
 
 
 def _int(ds: pydicom.Dataset, keyword: str, default: int) -> int:
-    value = _first(ds.get(keyword))
-    if value is None or value == "":
-        return default
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        return default
+    return _number(ds, keyword, default, int)
 
 
 def _floats(ds: pydicom.Dataset, keyword: str, n: int, path: Path, default: tuple[float, ...] | None = None) -> tuple:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import pandas as pd
@@ -14,6 +13,7 @@ from src.atomic import save_png, write_csv, write_json
 from src.cnn.study_volumes import MM3_PER_ML, study_volumes, volume_summary
 from src.constants import ID_COL, VOLUME_COL
 from src.errors import InputError, run_cli
+from src.predictions import run_config
 
 PLOT_FLOOR_ML = 1e-3  # log axes cannot show 0: a study with no (predicted or true) blood is drawn at 1 mm³
 
@@ -57,25 +57,13 @@ def plot_volume_scatter(table: pd.DataFrame, path: Path, title: str = "") -> Pat
     return save_png(fig, path)
 
 
-def _run_data_dir(pred: Path) -> Path | None:
-    """The data directory recorded in the experiment's run record, if any."""
-    folder = pred if pred.is_dir() else pred.parent
-    for record in sorted(folder.glob("*_run.json")):
-        try:
-            data_dir = json.loads(record.read_text()).get("config", {}).get("data_dir")
-        except (OSError, ValueError):
-            continue
-        if data_dir:
-            return Path(data_dir)
-    return None
-
-
 def run_volumes(pred: Path, data_dir: Path | None = None) -> dict:
     """study_volumes.csv, volume_summary.json and (with true volumes) volume_scatter.png under <pred>/bloodnet/."""
     from src.data.metadata import load_metadata
 
     pred = Path(pred)
-    data_dir = Path(data_dir) if data_dir else (_run_data_dir(pred) or paths.resolve_data_dir(None))
+    recorded = run_config(pred if pred.is_dir() else pred.parent).get("data_dir")  # the run record's data
+    data_dir = Path(data_dir or recorded or paths.resolve_data_dir(None))
     table = read_volume_predictions(pred)
     true_csv = data_dir / paths.TRUE_VOLUMES_CSV
     true = pd.read_csv(true_csv, dtype={ID_COL: str}) if true_csv.exists() else None
