@@ -111,6 +111,8 @@ class Config:
     masks: str = "auto"  # full: painted masks | none: weak (slice labels through the pooled map) | auto: full if any
     seg_loss: str = "bce_dice"  # bce | bce_dice (soft Dice too: blood is well under 1% of the pixels)
     weak_pool_r: float = 2.0  # masks=none: log-sum-exp pooling sharpness (large = max, small = mean)
+    seg_balance: bool = True  # segment-only epochs draw every slice with blood and as many empty ones (~2/5 the cost)
+    hu_prior: bool = False  # gate the blood map by a soft acute-blood Hounsfield range (constants.BLOOD_HU)
     # training engine (GPU-ready loop): EMA, accumulation, seeds, compile, logging
     ema: bool = False  # validate, keep and predict with timm's ModelEmaV3 average of the weights
     ema_decay: float = 0.999  # reached after timm's warmup (decay grows from 0 with the optimizer step)

@@ -17,6 +17,11 @@ WINDOWS: tuple[tuple[str, float, float], ...] = (
     ("bone", 600.0, 2800.0),
 )
 
+# Acute blood is ~50-90 HU, subacute fades towards 40; brain parenchyma sits at 20-45, CSF at 0-15, bone above 300.
+# The soft edges (BLOOD_HU_EDGE HU wide) allow for partial volume, scanner drift and the brightness augmentation.
+BLOOD_HU: tuple[float, float] = (40.0, 100.0)
+BLOOD_HU_EDGE = 5.0
+
 AIR_HU = -1024.0  # padding value: air, not 0 (0 HU is water)
 
 # Column names every stage shares (Kaggle's and DICOM's spellings).

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -20,7 +22,7 @@ from src.cnn.distributed import barrier, loader_for, shard_loader
 from src.cnn.history import write_epochs
 from src.cnn.loop import make_optimizer, train_one_epoch, validate
 from src.cnn.runtime import Runtime, make_ema, wrap_model
-from src.cnn.sampling import EpochSampler, SeededItems, seed_epoch
+from src.cnn.sampling import EpochSampler, SeededItems, balanced_subset, seed_epoch
 from src.cnn.schedule import Phase, phase_at
 from src.config import Config
 
@@ -63,6 +65,21 @@ class Progress:
         return self.state is not None and (self.start_epoch >= total_epochs or self.stopped_early)
 
 
+def segment_subset(train_ds, cfg: Config, phases: list[Phase], seed: int) -> Callable[[int], np.ndarray | None] | None:
+    """With `seg_balance`, the segmentation-only epochs draw each slice that teaches blood (a painted mask, or in
+    the weak mode a positive label) and as many known-empty ones; the other phases, which train the classifier and
+    must see the data's own label mix, draw every slice. None when there is nothing to balance."""
+    if not cfg.seg_balance or cfg.arch == "classifier":
+        return None
+    state = train_ds.mask_state  # 1 painted, 0 known empty, -1 positive without a mask (every positive when weak)
+    positive = np.flatnonzero(state == (1 if cfg.masks == "full" else -1))
+    negative = np.flatnonzero(state == 0)
+    segment_epochs = {e for e in range(sum(p.epochs for p in phases)) if phase_at(phases, e)[0].seg_lambda >= 1.0}
+    if not len(positive) or not len(negative) or not segment_epochs:
+        return None
+    return lambda epoch: balanced_subset(positive, negative, seed, epoch) if epoch in segment_epochs else None
+
+
 def train_epochs(core: nn.Module, train_ds, valid_ds, cfg: Config, rt: Runtime, phases: list[Phase],
                  progress: Progress, run: SeedRun, out_dir: Path) -> None:
     """Train `core` (the plain network) from progress.start_epoch to the end of the schedule or an early stop."""
@@ -75,10 +92,16 @@ def train_epochs(core: nn.Module, train_ds, valid_ds, cfg: Config, rt: Runtime, 
     ema = make_ema(core, cfg)
     if ema is not None and state.get("ema"):
         ema.module.load_state_dict(state["ema"])
-    sampler = EpochSampler(len(train_ds), run.seed, rt.rank, rt.world, limit=cfg.limit_train_batches * cfg.batch_size)
+    sampler = EpochSampler(len(train_ds), run.seed, rt.rank, rt.world, limit=cfg.limit_train_batches * cfg.batch_size,
+                           subset=segment_subset(train_ds, cfg, phases, run.seed))
     loader = loader_for(SeededItems(train_ds, run.seed), cfg, cfg.batch_size, sampler, persistent=True)
     valid_loader = shard_loader(valid_ds, cfg, rt.rank, rt.world, persistent=True) if valid_ds is not None else None
-    steps_per_epoch = math.ceil(len(loader) / max(1, cfg.accumulate))
+
+    def optimizer_steps(epoch: int) -> int:
+        sampler.set_epoch(epoch)
+        return math.ceil(len(loader) / max(1, cfg.accumulate))
+
+    ema_step = sum(optimizer_steps(e) for e in range(progress.start_epoch))  # EMA warmup counts optimizer steps
     model, optimizer, current_phase = core, None, None
     for epoch in range(progress.start_epoch, total_epochs):
         if progress.stopped_early:
@@ -98,18 +121,20 @@ def train_epochs(core: nn.Module, train_ds, valid_ds, cfg: Config, rt: Runtime, 
         started = time.perf_counter()
         row = {"epoch": epoch + 1, "phase": phase.name,
                **train_one_epoch(model, loader, optimizer, scaler, phase, epoch_in_phase, cfg, rt, weights, desc,
-                                 ema=ema, ema_step=epoch * steps_per_epoch),
+                                 ema=ema, ema_step=ema_step),
                "lr": optimizer.param_groups[0]["lr"]}  # the last step's: the schedule's value at the epoch's end
         judged = ema.module if ema is not None else core  # the weights that are validated, kept and deployed
         improved = valid_ds is None  # training on all folds: the last epoch is the model
-        if valid_ds is not None:
+        # Segmentation-only epochs leave the head untrained: their slice scores mean nothing and they never become
+        # "best", so they are not validated (a validation pass costs about half a balanced segment epoch).
+        if valid_ds is not None and phase.seg_lambda < 1.0:
             row.update(validate(judged, valid_loader, valid_ds, rt, f"{run.tag} valid"))
-            # Segmentation-only epochs leave the head untrained: they never become "best".
-            if phase.seg_lambda < 1.0 and row["valid_wll"] < progress.best:
+            if row["valid_wll"] < progress.best:
                 progress.best, progress.stale, improved = row["valid_wll"], 0, True
-            elif phase.seg_lambda < 1.0:
+            else:
                 progress.stale += 1
         row["epoch_time_s"] = time.perf_counter() - started
+        ema_step += math.ceil(len(loader) / max(1, cfg.accumulate))
         progress.history.append(row)
         progress.stopped_early = bool(valid_ds is not None and cfg.early_stopping
                                       and progress.stale >= cfg.early_stopping and phase is phases[-1])

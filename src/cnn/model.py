@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from src.config import Config
-from src.constants import LABELS
+from src.constants import BLOOD_HU, BLOOD_HU_EDGE, LABELS, WINDOWS
 from src.errors import InputError
 
 # log1p(mm³ / VOLUME_SCALE) keeps the volume feature O(1): a large bleed is ~10⁴–10⁵ mm³ per slice.
@@ -28,6 +28,25 @@ def create_timm(cfg: Config, **kwargs) -> nn.Module:
         )
     except RuntimeError as err:  # timm's "Unknown model" and bad checkpoints both land here
         raise InputError(f"backbone {cfg.backbone!r}: {str(err).splitlines()[0]}") from err
+
+
+# The window the Hounsfield prior reads: 80/200 spans -20..180 HU, so 40-100 HU is neither clipped nor coarse.
+PRIOR_WINDOW = "subdural"
+
+
+def blood_hu_prior(window_value: torch.Tensor, window: str = PRIOR_WINDOW) -> torch.Tensor:
+    """Soft 0-1 membership of constants.BLOOD_HU, from an image channel scaled to [0, 1] in the named window."""
+    _, center, width = next(w for w in WINDOWS if w[0] == window)
+    hu = center - width / 2.0 + window_value.float() * width
+    low, high = BLOOD_HU
+    return torch.sigmoid((hu - low) / BLOOD_HU_EDGE) * torch.sigmoid((high - hu) / BLOOD_HU_EDGE)
+
+
+def gate_logits(seg_logits: torch.Tensor, prior: torch.Tensor) -> torch.Tensor:
+    """The logit of sigmoid(seg_logits) × prior: a pixel outside the blood range cannot be called blood however sure
+    the decoder is. Computed in log space (log p − log(1 − p)), so it stays finite and differentiable."""
+    log_p = (F.logsigmoid(seg_logits.float()) + torch.log(prior.clamp_min(1e-6))).clamp(max=-1e-6)
+    return log_p - torch.log1p(-torch.exp(log_p))
 
 
 class Classifier(nn.Module):
@@ -74,6 +93,8 @@ class SegClassifier(nn.Module):
     def __init__(self, cfg: Config):
         super().__init__()
         self.use_volume = cfg.arch == "bloodnet"
+        # The centre slice's channel of the prior's window (channels are slice-major: 3 windows per slice).
+        self.prior_channel = 3 * cfg.context + [w[0] for w in WINDOWS].index(PRIOR_WINDOW) if cfg.hu_prior else None
         self.encoder = create_timm(cfg, features_only=True)
         channels = self.encoder.feature_info.channels()
         decoder_channels = [max(16, c // 2) for c in channels[:-1]][::-1]
@@ -95,6 +116,8 @@ class SegClassifier(nn.Module):
         for block, skip in zip(self.decoder, features[:-1][::-1]):
             x = block(x, skip)
         seg_logits = F.interpolate(self.seg_head(x), size=image.shape[-2:], mode="bilinear", align_corners=False)
+        if self.prior_channel is not None:
+            seg_logits = gate_logits(seg_logits, blood_hu_prior(image[:, self.prior_channel : self.prior_channel + 1]))
         embedding = features[-1].mean(dim=(2, 3))
         out = {"seg_logits": seg_logits, "embedding": embedding}
         if voxel_mm3 is not None:

@@ -10,7 +10,7 @@ images, crops and flips the uninterrupted run saw.
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
@@ -34,27 +34,45 @@ def seed_epoch(seed: int, epoch: int, rank: int = 0) -> None:
 
 
 class EpochSampler(Sampler):
-    """A shuffle of range(n) drawn from (seed, epoch), sharded over ranks like DistributedSampler, each index
-    tagged with its epoch. `limit` keeps only the first items of the epoch (smoke runs)."""
+    """A shuffle drawn from (seed, epoch), sharded over ranks like DistributedSampler, each index tagged with its
+    epoch. `subset(epoch)` may narrow an epoch to some indices (None: all n); `limit` keeps only the first items
+    of the epoch (smoke runs). The length follows the epoch, so call set_epoch before asking for it."""
 
-    def __init__(self, n: int, seed: int, rank: int = 0, world: int = 1, limit: int = 0):
-        self.n, self.seed, self.rank, self.world = n, seed, rank, world
-        per_rank = -(-n // world)  # ranks get equal shares (a few items repeat) so they step in lockstep
-        self.length = min(per_rank, limit) if limit else per_rank
-        self.epoch = 0
+    def __init__(self, n: int, seed: int, rank: int = 0, world: int = 1, limit: int = 0,
+                 subset: Callable[[int], np.ndarray | None] | None = None):
+        self.n, self.seed, self.rank, self.world, self.limit, self.subset = n, seed, rank, world, limit, subset
+        self.set_epoch(0)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+        self.pool = self.subset(epoch) if self.subset is not None else None
+        size = self.n if self.pool is None else len(self.pool)
+        per_rank = -(-size // self.world)  # ranks get equal shares (a few items repeat) so they step in lockstep
+        self.length = min(per_rank, self.limit) if self.limit else per_rank
 
     def __len__(self) -> int:
         return self.length
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
+        size = self.n if self.pool is None else len(self.pool)
         generator = torch.Generator().manual_seed(mixed_seed(self.seed, self.epoch))
-        order = torch.randperm(self.n, generator=generator).tolist()
-        order += order[: self.world * -(-self.n // self.world) - self.n]
+        order = torch.randperm(size, generator=generator).tolist()
+        order += order[: self.world * -(-size // self.world) - size]
+        if self.pool is not None:
+            order = [int(self.pool[i]) for i in order]
         mine = order[self.rank :: self.world][: self.length]
         return iter([(i, self.epoch) for i in mine])
+
+
+def balanced_subset(positive: np.ndarray, negative: np.ndarray, seed: int, epoch: int) -> np.ndarray:
+    """Every positive index and as many negatives, the negatives drawn afresh from (seed, epoch); sorted.
+
+    Blood is on ~1 slice in 5 of the embedded set and ~1 in 7 of RSNA's, and on well under 1% of a positive
+    slice's pixels: a segmentation epoch over all slices spends most of its steps on empty ones. Half-positive
+    epochs give the decoder the same number of bleeds at about 2/5 of the cost (a seed-fixed draw, so resumable)."""
+    rng = np.random.default_rng(mixed_seed(seed, epoch, 0x5E6))
+    take = min(len(negative), len(positive))
+    return np.sort(np.concatenate([positive, rng.choice(negative, size=take, replace=False)]))
 
 
 class SeededItems(Dataset):
