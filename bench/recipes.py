@@ -36,8 +36,9 @@ from src.config import load_config
 from src.constants import ID_COL, STUDY
 from src.errors import InputError
 from src.evaluate.experiments import train_minutes
+from src.evaluate.volumes import run_volumes
 from src.markdown import markdown_table
-from src.paths import OOF_DIR, WORK, resolve_data_dir
+from src.paths import OOF_DIR, TRUE_VOLUMES_CSV, WORK, resolve_data_dir
 
 
 @dataclass(frozen=True)
@@ -47,9 +48,17 @@ class Recipe:
     sets: tuple[str, ...] = ()
 
 
-# Same budget for all: the default BloodNet schedule is 2 + 1 + 3 epochs at 128 px. An epoch costs ~ pixels, so
-# 96 px affords ~1.8x the epochs and 160 px ~0.65x. Context widens only the first convolution.
+# Same budget for all: the default BloodNet schedule is 2 + 1 + 3 epochs at 128 px, its segment epochs balanced
+# (seg_balance: every painted slice and as many empty ones, ~2/5 of an epoch). An epoch costs ~ pixels, so 96 px
+# affords ~1.8x the epochs and 160 px ~0.65x. Context widens only the first convolution. Listed in the order they
+# run, the ones the decisions hang on first.
 RECIPES: tuple[Recipe, ...] = (
+    Recipe("seg4-c1", "BloodNet, 4 balanced segment epochs (+1+3), context 1",
+           ("context=1", "seg_epochs=4")),
+    Recipe("nomask-hu-c1", "BloodNet without masks (weak, pooled map) + Hounsfield prior, as seg4-c1",
+           ("context=1", "seg_epochs=4", "masks=none", "hu_prior=true")),
+    Recipe("classifier", "plain timm classifier, no segmentation branch (6 epochs)", ("arch=classifier",)),
+    Recipe("classifier-c1", "plain classifier, context 1 (6 epochs)", ("arch=classifier", "context=1")),
     Recipe("default", "the current default (BloodNet, 128 px, 2+1+3 epochs)"),
     Recipe("context1", "2.5D: 1 neighbour slice each side (9 channels)", ("context=1",)),
     Recipe("context2", "2.5D: 2 neighbour slices each side (15 channels)", ("context=2",)),
@@ -57,12 +66,12 @@ RECIPES: tuple[Recipe, ...] = (
     Recipe("96px-long", "96 px, longer schedule (3+1+6 epochs)", ("image_size=96", "seg_epochs=3", "joint_epochs=6")),
     Recipe("160px-short", "160 px, shorter schedule (1+1+2 epochs)",
            ("image_size=160", "seg_epochs=1", "joint_epochs=2")),
-    Recipe("classifier", "plain timm classifier, no segmentation branch (6 epochs)", ("arch=classifier",)),
 )
 # Applied after each recipe's own keys in --quick mode.
 QUICK: tuple[str, ...] = ("image_size=64", "limit_train_batches=2", "batch_size=16", "epochs=1", "seg_epochs=0",
                           "head_epochs=0", "joint_epochs=1", "num_workers=0", "tta_flip=false")
-COLUMNS = ("recipe", "what", "exp", "status", "train_min", "within_budget", "fold0_wll", "auc_any", "study_auc_any")
+COLUMNS = ("recipe", "what", "exp", "status", "train_min", "within_budget", "fold0_wll", "auc_any", "study_auc_any",
+           "volume_mdape_pct", "volume_spearman")
 
 
 def study_auc_any(valid: pd.DataFrame, meta: pd.DataFrame) -> float:
@@ -109,6 +118,10 @@ def run_recipe(recipe: Recipe, data_dir: Path, extra: tuple[str, ...], results_d
     valid = pd.read_csv(out_dir / "fold0_valid.csv", dtype={ID_COL: str})
     row.update(fold0_wll=metrics["weighted_log_loss"], auc_any=metrics["auc"]["any"],
                study_auc_any=study_auc_any(valid, load_metadata(data_dir, "train")))
+    if cfg.arch != "classifier" and (data_dir / TRUE_VOLUMES_CSV).exists():
+        # Study blood volume against the generator's truth over fold 0's positive studies (evaluate.volumes).
+        summary = run_volumes(out_dir, data_dir)
+        row.update(volume_mdape_pct=summary.get("mdape_percent"), volume_spearman=summary.get("spearman_positive"))
     write_json(row, saved)
     return row
 

@@ -24,6 +24,7 @@ def test_quick_run_trains_scores_and_resumes(tiny_data, tmp_path, monkeypatch):
     assert row["exp"].startswith("bloodnet-resnet10t-64px-c1-")  # its own name: the quick keys are in the hash
     assert row["fold0_wll"] > 0 and 0 <= row["auc_any"] <= 1
     assert 0 <= row["study_auc_any"] <= 1 or pd.isna(row["study_auc_any"])
+    assert "volume_mdape_pct" in row and "volume_spearman" in row  # a BloodNet recipe is scored on its volumes too
     text = (out / "recipes-quick.md").read_text()
     assert "QUICK MODE" in text and "load average" in text and "| context1 |" in text
     # A second call (a killed bench started again) reuses the saved result instead of training again.
