@@ -6,9 +6,11 @@ Each recipe is the default config plus a few `--set` overrides (RECIPES below: o
 with `run_fold` (the same code as `python -m src.cnn.train --fold 0`) under its own experiment name, so its
 predictions land in oof/<exp>/ beside every other run and on `python -m src.evaluate.experiments`. Scores: fold-0
 weighted log loss and slice AUC(any) from fold0_metrics.json, study AUC(any) from the max `any` over each study's
-slices. Time: the training step's wall clock (train, validate, predict; the cache for a new image size is built
-first and timed apart); for a fold trained before, outside the bench, the sum of its logged epoch times. Results
-are kept per experiment in work/bench/recipes/, so a killed run resumes with the next recipe. A recipe whose key
+slices; for BloodNet recipes, the study blood volume's median absolute error and Spearman over fold 0's positive
+studies (src.evaluate.volumes). Time (train_min): the sum of the fold's logged epoch times (train + validate), the
+same for a fold trained here or before, outside the bench; wall_min adds the final predictions (the cache for a new
+image size is built first and timed apart). Results are kept per experiment in work/bench/recipes/, so a killed
+run resumes with the next recipe, and a killed fold resumes from its last epoch. A recipe whose key
 this checkout lacks (e.g. `ema` before EMA lands) is listed as skipped.
 `--quick` shrinks every recipe (64 px, two batches, one epoch): a check of the machinery, not a result.
 Writes work/bench/recipes.{json,md}.
@@ -71,7 +73,7 @@ RECIPES: tuple[Recipe, ...] = (
 QUICK: tuple[str, ...] = ("image_size=64", "limit_train_batches=2", "batch_size=16", "epochs=1", "seg_epochs=0",
                           "head_epochs=0", "joint_epochs=1", "num_workers=0", "tta_flip=false")
 COLUMNS = ("recipe", "what", "exp", "status", "train_min", "within_budget", "fold0_wll", "auc_any", "study_auc_any",
-           "volume_mdape_pct", "volume_spearman")
+           "volume_mdape_pct", "volume_spearman", "wall_min")
 
 
 def study_auc_any(valid: pd.DataFrame, meta: pd.DataFrame) -> float:
@@ -113,7 +115,10 @@ def run_recipe(recipe: Recipe, data_dir: Path, extra: tuple[str, ...], results_d
         cache_s = time.perf_counter() - started
         started = time.perf_counter()
         run_fold(cfg, 0, data_dir)
-        row.update(status="ran", train_min=(time.perf_counter() - started) / 60, cache_min=cache_s / 60)
+        # train_min: the logged epoch times, as for a fold trained elsewhere, so a bench killed and resumed mid-fold
+        # still counts every epoch; wall_min adds the final predictions (and is this call's part only).
+        row.update(status="ran", train_min=train_minutes(out_dir, [0]), wall_min=(time.perf_counter() - started) / 60,
+                   cache_min=cache_s / 60)
     metrics = json.loads((out_dir / "fold0_metrics.json").read_text())
     valid = pd.read_csv(out_dir / "fold0_valid.csv", dtype={ID_COL: str})
     row.update(fold0_wll=metrics["weighted_log_loss"], auc_any=metrics["auc"]["any"],

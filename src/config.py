@@ -109,7 +109,7 @@ class Config:
     joint_lambda: float = 0.5
     # BloodNet segmentation supervision
     masks: str = "auto"  # full: painted masks | none: weak (slice labels through the pooled map) | auto: full if any
-    seg_loss: str = "bce_dice"  # bce | bce_dice (soft Dice too: blood is well under 1% of the pixels)
+    seg_loss: str = "bce_dice"  # bce | bce_dice | bce_batch_dice (+ soft Dice per slice, or over the batch)
     weak_pool_r: float = 2.0  # masks=none: log-sum-exp pooling sharpness (large = max, small = mean)
     seg_balance: bool = True  # segment-only epochs draw every slice with blood and as many empty ones (~2/5 the cost)
     hu_prior: bool = False  # gate the blood map by a soft acute-blood Hounsfield range (constants.BLOOD_HU)

@@ -6,7 +6,15 @@ import math
 import pytest
 import torch
 
-from src.cnn.losses import lse_pool, masked_seg_loss, training_loss, weak_seg_loss, weighted_bce
+from src.cnn.losses import (
+    batch_dice_loss,
+    lse_pool,
+    masked_seg_loss,
+    soft_dice_loss,
+    training_loss,
+    weak_seg_loss,
+    weighted_bce,
+)
 from src.errors import InputError
 
 
@@ -82,6 +90,24 @@ def test_dice_makes_missing_a_small_bleed_expensive():
     gap_bce = float(masked_seg_loss(empty, mask, state, "bce") - masked_seg_loss(right, mask, state, "bce"))
     gap_dice = float(masked_seg_loss(empty, mask, state, "bce_dice") - masked_seg_loss(right, mask, state, "bce_dice"))
     assert gap_bce < 0.25 and gap_dice > 0.9
+
+
+def test_batch_dice_keeps_pushing_false_blood_off_empty_slices():
+    """A batch of one painted slice (right) and one empty slice with a 10 x 10 patch of false blood: per-slice Dice
+    has all but stopped pulling the false patch down (its gradient is 1/(Σp + 1)² ~ 1e-4 a pixel), batch Dice still
+    pulls with force comparable to what a blood pixel gets. Both equal the hand formula."""
+    mask, right, empty, _ = _toy()
+    false_patch = empty.clone()
+    false_patch[0, 0, :10, :10] = 6.0
+    masks = torch.cat([mask, torch.zeros_like(mask)])
+    grads = {}
+    for kind, fn in (("bce_dice", soft_dice_loss), ("bce_batch_dice", batch_dice_loss)):
+        logits = torch.cat([right, false_patch]).requires_grad_(True)
+        fn(logits, masks).backward()
+        grads[kind] = float(logits.grad[1, 0, :10, :10].mean())
+    assert grads["bce_batch_dice"] > 20 * grads["bce_dice"] > 0
+    # Hand value: p = 0.5 on 2 pixels, 1 of them blood: 1 − (2·0.5 + 1) / (1 + 1 + 1).
+    assert math.isclose(float(batch_dice_loss(torch.zeros(2), torch.tensor([1.0, 0.0]))), 1 - 2.0 / 3.0, rel_tol=1e-6)
 
 
 def test_lse_pool_hand_values():

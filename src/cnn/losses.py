@@ -12,7 +12,7 @@ from src.config import Config
 from src.constants import LABELS
 from src.errors import InputError
 
-SEG_LOSSES = ("bce", "bce_dice")
+SEG_LOSSES = ("bce", "bce_dice", "bce_batch_dice")
 ANY = LABELS.index("any")
 
 
@@ -31,11 +31,23 @@ def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (1.0 - (2.0 * inter + 1.0) / (denom + 1.0)).mean()
 
 
+def batch_dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """1 − soft Dice over all the batch's pixels at once (nnU-Net's batch Dice, +1 smoothing).
+
+    Per-slice Dice saturates on an empty slice: its loss 1 − 1/(Σp + 1) has gradient 1/(Σp + 1)², so a slice that
+    already paints 50 pixels of false blood is pushed back with 1/2601 of the force a positive slice is pulled to
+    paint. Pooled over the batch, false blood on empty slices enters the same denominator as the true blood and
+    costs in proportion to its pixels, which is what a volume needs: the sum of predicted pixels to match the truth."""
+    prob = torch.sigmoid(logits)
+    inter = (prob * target).sum()
+    return 1.0 - (2.0 * inter + 1.0) / (prob.sum() + target.sum() + 1.0)
+
+
 def masked_seg_loss(
     seg_logits: torch.Tensor, masks: torch.Tensor, mask_state: torch.Tensor, kind: str = "bce"
 ) -> torch.Tensor:
-    """Per-pixel BCE (+ soft Dice for kind="bce_dice") over the slices whose mask is known (state 1 = painted,
-    0 = known empty).
+    """Per-pixel BCE (+ soft Dice per slice for kind="bce_dice", over the batch for "bce_batch_dice") over the
+    slices whose mask is known (state 1 = painted, 0 = known empty).
 
     State -1 (a positive slice without a mask) is left out entirely: calling it empty would teach the
     decoder to erase real blood. A batch without any known mask contributes an exact zero with a graph.
@@ -50,6 +62,8 @@ def masked_seg_loss(
     loss = F.binary_cross_entropy_with_logits(logits, target)
     if kind == "bce_dice":
         loss = loss + soft_dice_loss(logits, target)
+    elif kind == "bce_batch_dice":
+        loss = loss + batch_dice_loss(logits, target)
     return loss
 
 
