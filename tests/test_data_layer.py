@@ -213,18 +213,10 @@ def test_cache_values_bad_files_and_masks_with_pool(dataset, capsys):
     _check_cache(data, names)
 
 
-def test_cache_resumes_after_interruption(dataset, monkeypatch):
+def test_cache_resumes_after_interruption(dataset, monkeypatch, kill_cache_after):
     data, _, _, names = dataset
     real = cache._process_chunk
-    calls: list[int] = []
-
-    def dies_on_third(task):
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        calls.append(task["chunk"])
-        return real(task)
-
-    monkeypatch.setattr(cache, "_process_chunk", dies_on_third)
+    kill_cache_after(2)
     with pytest.raises(KeyboardInterrupt):
         cache.build_cache(data, SIZE, "train", workers=1, chunk_rows=2)
     cdir = paths.cache_dir(data, SIZE)
