@@ -25,9 +25,7 @@ import io
 import math
 import os
 import shutil
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -39,6 +37,9 @@ from tqdm import tqdm  # noqa: E402
 
 from src import paths  # noqa: E402
 from src.atomic import write_json, write_text  # noqa: E402
+
+sys.path.insert(0, str(ROOT / "bench"))
+from scale import measure as run_stage  # noqa: E402  -- (wall s, peak RSS GB) of a stage run as its own process
 
 RSNA_FILES = 752_803 + 121_232
 
@@ -94,19 +95,6 @@ def evict(data: Path) -> None:
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
         finally:
             os.close(fd)
-
-
-def run_stage(cmd: list[str], env: dict, log: Path) -> tuple[float, float]:
-    """(wall seconds, peak RSS GB) of one stage as its own process."""
-    t0 = time.perf_counter()
-    with open(log, "a") as out:
-        out.write(f"$ {' '.join(cmd)}\n")
-        out.flush()
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(proc.pid, 0)
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise SystemExit(f"stage failed: {' '.join(cmd)}; see {log}")
-    return time.perf_counter() - t0, usage.ru_maxrss / 2**20  # Linux: kB
 
 
 def measure(data: Path, n: int, args: argparse.Namespace, work: Path) -> list[dict]:
