@@ -243,11 +243,12 @@ def main(argv: list[str] | None = None) -> int:
 
         with contextlib.redirect_stderr(io.StringIO()):
             generate(data, args.studies, seed=0, size=64 if args.quick else 512)
-    scratch = args.out / "cache_store_work"
+    scratch, work = args.out / "cache_store_work", paths.WORK
     paths.WORK = scratch  # the bench's caches and metadata stay out of the pipeline's work/
     try:
         result = measure(data, args)
     finally:
+        paths.WORK = work  # a caller in the same process (the test suite) goes on with its own
         shutil.rmtree(scratch, ignore_errors=True)
     result["command"], result["quick"] = cmd, args.quick
     text = ("QUICK MODE: numbers mean nothing\n\n" if args.quick else "") + render(result, cmd)

@@ -4,6 +4,7 @@ import importlib.util
 import json
 import sys
 
+from src import paths
 from src.paths import ROOT
 
 
@@ -16,7 +17,9 @@ def _bench(name: str):
 
 
 def test_cache_store_quick(tmp_path):
+    before = paths.WORK
     assert _bench("cache_store").main(["--quick", "--out", str(tmp_path)]) == 0
+    assert before == paths.WORK  # its scratch folder was this process's work folder only while it ran
     result = json.loads((tmp_path / "cache_store.json").read_text())
     entry = result["sizes"]["32"]
     assert entry["zstd"]["rows"] == entry["memmap"]["rows"] > 0 and entry["ratio"] > 1
