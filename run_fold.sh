@@ -40,7 +40,8 @@ out="${ICH_OUT:-.}"
 stage() { echo; echo "== $1"; shift; "$PY" "$@"; }
 
 stage "metadata" -m src.data.metadata "${data_args[@]}"
-stage "cache" -m src.data.cache "${data_args[@]}" --size "$("$PY" -m src.config "${config_args[@]}" --get image_size)"
+stage "cache" -m src.data.cache "${data_args[@]}" --size "$("$PY" -m src.config "${config_args[@]}" --get image_size)" \
+  --format "$("$PY" -m src.config "${config_args[@]}" --get cache_format)"
 stage "folds" -m src.data.folds "${data_args[@]}" --n-folds "$("$PY" -m src.config "${config_args[@]}" --get n_folds)" \
   --seed "$("$PY" -m src.config "${config_args[@]}" --get fold_seed)"
 stage "train fold $fold" -m src.cnn.train --fold "$fold" "${config_args[@]}" "${data_args[@]}"

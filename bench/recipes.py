@@ -113,7 +113,7 @@ def run_recipe(recipe: Recipe, data_dir: Path, extra: tuple[str, ...], results_d
     else:
         started = time.perf_counter()
         for split in ("train", "test"):
-            load_cache(data_dir, cfg.image_size, split)
+            load_cache(data_dir, cfg.image_size, split, fmt=cfg.cache_format)
         cache_s = time.perf_counter() - started
         started = time.perf_counter()
         run_fold(cfg, 0, data_dir)

@@ -145,18 +145,29 @@ def write_workspace_preds(ws: Path, emb_dim: int, seed: int, chunk: int = 65_536
 # ---------------------------------------------------------------- measuring
 
 
+# Linux starts a child's recorded peak RSS at its parent's high-water mark (exec records the forking process's), so
+# wait4 on a stage started from this process would report at least this process's own peak (1.5 GB after a bench
+# rendered phantoms in it). A small launcher process starts the stage and reads its peak instead.
+_LAUNCH = ("import os, subprocess, sys\np = subprocess.Popen(sys.argv[2:])\n_, status, usage = os.wait4(p.pid, 0)\n"
+           "open(sys.argv[1], 'w').write(str(usage.ru_maxrss))\nsys.exit(os.waitstatus_to_exitcode(status))")
+
+
 def measure(cmd: list[str], env: dict, log: Path) -> tuple[float, float]:
-    """(wall seconds, peak RSS GB) of one stage run as its own process; its output goes to `log`."""
+    """(wall seconds, peak RSS GB: the largest of the stage and its pool workers) of one stage run as its own
+    process; its output goes to `log`."""
     t0 = time.perf_counter()
+    rss = log.with_name(f".{log.name}.rss")
     with open(log, "a") as out:
         out.write(f"$ {' '.join(cmd)}\n")
         out.flush()
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(proc.pid, 0)
+        status = subprocess.call([sys.executable, "-c", _LAUNCH, str(rss), *cmd], cwd=ROOT, env=env, stdout=out,
+                                 stderr=subprocess.STDOUT)
     wall = time.perf_counter() - t0
-    if os.waitstatus_to_exitcode(status) != 0:
+    if status != 0:
         raise SystemExit(f"stage failed ({' '.join(cmd[2:5])}): see {log}")
-    return wall, usage.ru_maxrss / 2**20  # Linux reports kB
+    peak = int(rss.read_text()) / 2**20  # Linux reports kB
+    rss.unlink()
+    return wall, peak
 
 
 def stages(ws: Path, n: int, args: argparse.Namespace) -> list[tuple[str, list[str]]]:

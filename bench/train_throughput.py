@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     cfg = load_config(args.config, args.sets)
     data_dir = resolve_data_dir(args.data or cfg.data_dir or None)
-    meta, images, masks = load_cache(data_dir, cfg.image_size, "train")
+    meta, images, masks = load_cache(data_dir, cfg.image_size, "train", fmt=cfg.cache_format)
     workers = auto_workers(cfg)
     common = {"exp": cfg.exp_name, "arch": cfg.arch, "context": cfg.context, "in_chans": cfg.in_chans,
               "num_workers": workers, "torch_threads": torch.get_num_threads()}

@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from src.constants import LABEL_WEIGHTS
+from src.constants import CACHE_FORMATS, LABEL_WEIGHTS
 from src.errors import InputError
 from src.naming import changed_keys, derived_name
 from src.paths import OOF_DIR, ROOT
@@ -72,8 +72,9 @@ AFTER_TRAINING_SECTIONS: tuple[str, ...] = ("stack", "report", "triage")
 # Config field, including ones added later, is hashed when it differs from its default: add runtime-only keys here.
 # log_every and compile change speed, not weights; predict_train only adds outputs; `seeds` may grow on a finished
 # fold (the trained seeds are kept, the new ones train beside them), so it must keep the folder.
+# cache_format is lossless: the model sees the same uint8 pixels from either store.
 NON_TRAINING_KEYS: frozenset[str] = frozenset({"exp", "data_dir", "num_workers", "log_every", "compile", "seeds",
-                                               "predict_train", *AFTER_TRAINING_SECTIONS})
+                                               "cache_format", "predict_train", *AFTER_TRAINING_SECTIONS})
 # The readable part of a derived experiment name; they are spelled out there, so the hash leaves them out.
 NAME_KEYS: tuple[str, ...] = ("arch", "backbone", "image_size", "context")
 
@@ -83,6 +84,7 @@ class Config:
     exp: str = ""  # experiment name; empty = derived (see exp_name)
     data_dir: str = ""  # empty = --data / $ICH_DATA / input/ / input/synthetic/ (see src/paths.py)
     image_size: int = 128
+    cache_format: str = "memmap"  # memmap | zstd (per-slice compressed, ~5x smaller on disk, decoded by the loader)
     n_folds: int = 5
     fold_seed: int = 42
     # model
@@ -213,6 +215,8 @@ def load_config(path: str | None = None, sets: list[str] | None = None) -> Confi
         _apply(cfg, {key.strip(): value.strip()}, "--set")
     if cfg.arch not in ("classifier", "multitask", "bloodnet"):
         raise InputError(f"config key arch: {cfg.arch!r} is not one of classifier, multitask, bloodnet")
+    if cfg.cache_format not in CACHE_FORMATS:
+        raise InputError(f"config key cache_format: {cfg.cache_format!r} is not one of {', '.join(CACHE_FORMATS)}")
     if len(cfg.class_weights) != len(LABEL_WEIGHTS):
         raise InputError(f"config key class_weights: expected {len(LABEL_WEIGHTS)} values")
     return cfg

@@ -30,3 +30,26 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def kill_cache_after(monkeypatch):
+    """kill(n): the cache stage's chunk worker stops the build (as a kill would) once n chunks are done; returns the
+    list of chunks it did."""
+    from src.data import cache
+
+    real = cache._process_chunk
+
+    def kill(n: int) -> list[int]:
+        calls: list[int] = []
+
+        def dies(task):
+            if len(calls) == n:
+                raise KeyboardInterrupt
+            calls.append(task["chunk"])
+            return real(task)
+
+        monkeypatch.setattr(cache, "_process_chunk", dies)
+        return calls
+
+    return kill

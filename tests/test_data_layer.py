@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import cv2
 import numpy as np
@@ -12,7 +13,7 @@ from dicom_factory import make_dicom, tilted_orientation
 
 from src import paths
 from src.constants import LABELS
-from src.data import cache
+from src.data import cache, metadata
 from src.data.dicom import read_hu
 from src.data.folds import load_folds, make_folds
 from src.data.metadata import build_metadata, load_metadata, order_series, read_labels
@@ -177,6 +178,22 @@ def test_metadata_cache_rebuilt_when_files_change(dataset):
     assert set(again["ID"]) - set(first["ID"]) == {"ID_000000e03"}
 
 
+def test_metadata_cli_reuses_a_fresh_table_and_rereads_edited_labels(dataset, capsys):
+    data, *_ = dataset
+    metadata.main(["--data", str(data), "--split", "train", "--workers", "1"])
+    assert "wrote" in capsys.readouterr().out
+    metadata.main(["--data", str(data), "--split", "train", "--workers", "1"])  # run_fold.sh's second run
+    out = capsys.readouterr().out
+    assert "wrote" not in out and "(--force reads again)" in out
+    labels = data / "stage_2_train.csv"
+    st = labels.stat()
+    os.utime(labels, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # an edited label file, same image files
+    load_metadata(data, "train", workers=1)
+    assert "wrote" in capsys.readouterr().out  # rebuilt: the labels are joined into the table
+    metadata.main(["--data", str(data), "--split", "train", "--workers", "1", "--force"])
+    assert "wrote" in capsys.readouterr().out
+
+
 def _check_cache(data, names):
     meta, images, masks = cache.load_cache(data, SIZE, "train", workers=1)
     cdir = paths.cache_dir(data, SIZE)
@@ -213,18 +230,10 @@ def test_cache_values_bad_files_and_masks_with_pool(dataset, capsys):
     _check_cache(data, names)
 
 
-def test_cache_resumes_after_interruption(dataset, monkeypatch):
+def test_cache_resumes_after_interruption(dataset, monkeypatch, kill_cache_after):
     data, _, _, names = dataset
     real = cache._process_chunk
-    calls: list[int] = []
-
-    def dies_on_third(task):
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        calls.append(task["chunk"])
-        return real(task)
-
-    monkeypatch.setattr(cache, "_process_chunk", dies_on_third)
+    kill_cache_after(2)
     with pytest.raises(KeyboardInterrupt):
         cache.build_cache(data, SIZE, "train", workers=1, chunk_rows=2)
     cdir = paths.cache_dir(data, SIZE)

@@ -134,7 +134,7 @@ def run_overlays(exp: str, fold: int, data_dir: Path | None = None, n_studies: i
     data_dir = Path(data_dir or cfg.data_dir or paths.resolve_data_dir(None))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model.to(device)
-    meta, images, masks = load_cache(data_dir, cfg.image_size, "train")
+    meta, images, masks = load_cache(data_dir, cfg.image_size, "train", fmt=cfg.cache_format)
     folds = load_folds(data_dir, cfg.n_folds, cfg.fold_seed)
     meta = meta.merge(folds[[ID_COL, FOLD_COL]], on=ID_COL, how="inner", validate="one_to_one")
     valid = meta[meta[FOLD_COL] == fold]

@@ -38,7 +38,7 @@ from src.paths import WORK, resolve_data_dir
 def split_fold(
     cfg: Config, data_dir: Path, fold: int
 ) -> tuple[pd.DataFrame, pd.DataFrame, np.ndarray, np.ndarray | None]:
-    meta, images, masks = load_cache(data_dir, cfg.image_size, "train")
+    meta, images, masks = load_cache(data_dir, cfg.image_size, "train", fmt=cfg.cache_format)
     folds = load_folds(data_dir, cfg.n_folds, cfg.fold_seed)
     meta = meta.merge(folds[[ID_COL, FOLD_COL]], on=ID_COL, how="left", validate="one_to_one")
     if meta[FOLD_COL].isna().any():
@@ -56,7 +56,7 @@ def split_fold(
 def prepare_data(cfg: Config, data_dir: Path, fold: int, rt: Runtime):
     """Caches and folds built once by rank 0, then each rank's train/valid datasets."""
     if rt.rank == 0:  # build caches and folds once, before the other ranks read them
-        load_cache(data_dir, cfg.image_size, "test")
+        load_cache(data_dir, cfg.image_size, "test", fmt=cfg.cache_format)
         split_fold(cfg, data_dir, fold)
     barrier(rt.world)
     train_meta, valid_meta, images, masks = split_fold(cfg, data_dir, fold)
@@ -102,7 +102,7 @@ def predict_outputs(model: nn.Module, cfg: Config, rt: Runtime, data_dir: Path, 
     results = {}
     if valid_ds is not None:
         results["valid"] = (valid_ds.meta, predict(valid_ds, cfg.tta_flip, f"{tag} valid"))
-    test_meta, test_images, _ = load_cache(data_dir, cfg.image_size, "test")
+    test_meta, test_images, _ = load_cache(data_dir, cfg.image_size, "test", fmt=cfg.cache_format)
     test_ds = SliceDataset(test_meta, test_images, cfg.context, with_labels=False)
     results["test"] = (test_meta, predict(test_ds, cfg.tta_flip, f"{tag} test"))
     if cfg.predict_train:  # in-sample predictions: nothing in the pipeline reads them, a stacker must not

@@ -200,14 +200,22 @@ def _count_images(data_dir: Path, split: str) -> int:
     return sum(1 for e in os.scandir(folder) if e.name.endswith(".dcm"))
 
 
+def _labels_stamp(data_dir: Path, split: str) -> list[int] | None:
+    """Size and mtime of the labels CSV the train table was joined with: an edited label file rebuilds it."""
+    if split != "train" or not (data_dir / paths.TRAIN_CSV).exists():
+        return None
+    st = (data_dir / paths.TRAIN_CSV).stat()
+    return [st.st_size, st.st_mtime_ns]
+
+
 def write_metadata(data_dir: str | os.PathLike, split: str, workers: int = 2) -> pd.DataFrame:
-    """Build and write metadata_{split}.csv plus a stamp (image count) that load_metadata checks for staleness."""
+    """Build and write metadata_{split}.csv plus a stamp (image count, labels file) that load_metadata checks."""
     data_dir = Path(data_dir).resolve()
-    n_files = _count_images(data_dir, split)
+    n_files, labels = _count_images(data_dir, split), _labels_stamp(data_dir, split)
     meta = build_metadata(data_dir, split, workers)
     out = paths.metadata_csv(data_dir, split)
     write_csv(meta, out)
-    write_json({"n_files": n_files, "rows": len(meta)}, out.with_suffix(".json"))
+    write_json({"n_files": n_files, "labels": labels, "rows": len(meta)}, out.with_suffix(".json"))
     print(f"wrote {out} ({len(meta)} rows)")
     return _read_meta(out)  # same dtypes whether built now or loaded later
 
@@ -217,13 +225,16 @@ def _read_meta(path: Path) -> pd.DataFrame:
 
 
 def load_metadata(data_dir: str | os.PathLike, split: str, workers: int = 2) -> pd.DataFrame:
-    """Cached metadata; rebuilt when missing or when the number of files in the image folder changed."""
+    """Cached metadata; rebuilt when missing, when the number of files in the image folder changed, or when the
+    labels CSV did (size or mtime)."""
     data_dir = Path(data_dir).resolve()
     out = paths.metadata_csv(data_dir, split)
     stamp = out.with_suffix(".json")
     if out.exists() and stamp.exists():
         try:
-            fresh = json.loads(stamp.read_text()).get("n_files") == _count_images(data_dir, split)
+            saved = json.loads(stamp.read_text())
+            fresh = (saved.get("n_files") == _count_images(data_dir, split)
+                     and saved.get("labels") == _labels_stamp(data_dir, split))
         except (json.JSONDecodeError, OSError):
             fresh = False
         if fresh:
@@ -236,10 +247,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", help="data directory (default: $ICH_DATA, input/, input/synthetic/)")
     parser.add_argument("--split", choices=("train", "test", "both"), default="both")
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--force", action="store_true", help="read every header again even if the table is fresh")
     args = parser.parse_args(argv)
     data_dir = paths.resolve_data_dir(args.data)
     for split in ("train", "test") if args.split == "both" else (args.split,):
-        write_metadata(data_dir, split, args.workers)
+        if args.force:
+            write_metadata(data_dir, split, args.workers)
+        else:  # run_fold.sh calls this stage every run: 874k headers are read once, then checked by a file count
+            meta = load_metadata(data_dir, split, args.workers)
+            print(f"{paths.metadata_csv(Path(data_dir).resolve(), split)}: {len(meta)} rows (--force reads again)")
     return 0
 
 

@@ -1,4 +1,5 @@
-"""What the image cache will take on disk, checked against the free space before a byte of it is written."""
+"""What the image cache will take on disk (its format's size), checked against the free space before a byte of it
+is written."""
 
 from __future__ import annotations
 
@@ -6,7 +7,12 @@ import shutil
 from pathlib import Path
 
 from src.constants import WINDOWS
+from src.data.dicom import DicomError
+from src.data.dicom_fast import read_channels
+from src.data.packed import estimate_bytes
 from src.errors import InputError
+
+SAMPLE_ROWS = 16  # slices encoded to estimate a compressed store's size: ~0.1 s, spread over the whole plan
 
 
 def cache_bytes(n_images: int, n_masks: int, size: int) -> int:
@@ -26,3 +32,21 @@ def ensure_room(folder: Path, need: int, what: str) -> None:
     if need > free:
         raise InputError(f"{folder}: {what} needs {need / 1e9:.1f} GB, the disk has {free / 1e9:.1f} GB free; free "
                          "space, choose a smaller --size, or set ICH_OUT to a larger disk")
+
+
+def format_bytes(fmt: str, records: list[tuple], data_dir: Path, size: int) -> tuple[int, str]:
+    """(bytes, how they were reckoned) for the cache rows still to write: exact for the memmap; for a compressed
+    store, images from a few sampled slices encoded for real, masks at their uncompressed size (an upper bound:
+    the RSNA data has none, and a mask plane is mostly zeros). `records` are (ID, path, rows, cols, cache_row,
+    mask_row) as the cache stage plans them."""
+    n_masks = sum(r[5] >= 0 for r in records)
+    if fmt == "memmap":
+        return cache_bytes(len(records), n_masks, size), ""
+    samples = []
+    for r in records[:: max(1, len(records) // SAMPLE_ROWS)][:SAMPLE_ROWS]:
+        try:
+            samples.append(read_channels(Path(data_dir) / r[1], size))
+        except DicomError:
+            continue  # the build will skip it too
+    images = estimate_bytes(samples, len(records), len(WINDOWS) * size * size)
+    return images + cache_bytes(0, n_masks, size), f", estimated from {len(samples)} sampled slices"
