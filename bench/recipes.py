@@ -59,6 +59,8 @@ RECIPES: tuple[Recipe, ...] = (
            ("context=1", "seg_epochs=4")),
     Recipe("nomask-hu-c1", "BloodNet without masks (weak, pooled map) + Hounsfield prior, as seg4-c1",
            ("context=1", "seg_epochs=4", "masks=none", "hu_prior=true")),
+    Recipe("nomask-c1", "as nomask-hu-c1 without the Hounsfield prior: what the prior adds",
+           ("context=1", "seg_epochs=4", "masks=none")),
     Recipe("seg4-c1-batchdice", "as seg4-c1, BCE + Dice over the batch (false blood on empty slices costs)",
            ("context=1", "seg_epochs=4", "seg_loss=bce_batch_dice")),
     Recipe("classifier", "plain timm classifier, no segmentation branch (6 epochs)", ("arch=classifier",)),

@@ -9,6 +9,7 @@ import torch
 import src.config
 from src.cnn.checkpoints import config_from_dict, load_checkpoint, save_checkpoint
 from src.config import NAME_KEYS, NON_TRAINING_KEYS, Config, load_config
+from src.errors import InputError
 from src.naming import flatten
 
 
@@ -117,3 +118,16 @@ def test_the_keys_left_out_of_the_hash_exist():
     # A misspelt or renamed entry would silently put a runtime key back into every name (or leave one out).
     fields = {f.name for f in dataclasses.fields(Config)}
     assert not NON_TRAINING_KEYS - fields and not set(NAME_KEYS) - fields
+
+
+def test_resume_across_cache_formats_and_from_before_the_key(tmp_path):
+    """Both stores give the same pixels: a run started on the memmap resumes on zstd, and a checkpoint saved before
+    cache_format existed still resumes (a bench killed across that change refused until this was fixed)."""
+    save_checkpoint(tmp_path / "last.pt", torch.nn.Linear(2, 2), load_config(None, []), epoch=1)
+    assert load_checkpoint(tmp_path / "last.pt", load_config(None, ["cache_format=zstd"])) is not None
+    state = torch.load(tmp_path / "last.pt", weights_only=False)
+    del state["config"]["cache_format"]
+    torch.save(state, tmp_path / "old.pt")
+    assert load_checkpoint(tmp_path / "old.pt", load_config(None, [])) is not None
+    with pytest.raises(InputError, match="lr"):
+        load_checkpoint(tmp_path / "last.pt", load_config(None, ["lr=0.5"]))

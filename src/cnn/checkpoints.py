@@ -19,8 +19,9 @@ from src.errors import InputError
 # `seeds` may grow: the seeds already trained are kept and the new ones train beside them. data_dir: the same data
 # under another path (a notebook's input mount) resumes; other data is refused by the fold split recorded in the
 # model folder (src/data/folds.py guard_model_split), which covers every image ID.
+# cache_format too: both stores hand the loader the same uint8 pixels, so a run may move to the zstd store mid-way.
 RESUME_SAFE_KEYS = {"num_workers", "tta_flip", "log_every", "compile", "seeds", "data_dir", "predict_train",
-                    *AFTER_TRAINING_SECTIONS}
+                    "cache_format", *AFTER_TRAINING_SECTIONS}
 
 
 def save_checkpoint(path: Path, model: nn.Module, cfg: Config, epoch: int, optimizer=None, **extra: Any) -> None:
