@@ -91,7 +91,7 @@ class Config:
     arch: str = "bloodnet"  # bloodnet (segmentation-dependent classification) | multitask | classifier
     backbone: str = "resnet10t"  # any timm model name; resnet10t fits the 2-core CPU budget of the default run
     pretrained_path: str = ""  # a local timm checkpoint file; nothing is ever downloaded
-    context: int = 0  # neighbour slices on each side: in_chans = 3 windows x (2*context + 1)
+    context: int = 1  # neighbour slices on each side: in_chans = 3 windows x (2*context + 1); 1 won on the recipes
     drop_rate: float = 0.1
     # loss
     class_weights: tuple[float, ...] = LABEL_WEIGHTS
@@ -105,7 +105,7 @@ class Config:
     grad_clip: float = 5.0
     early_stopping: int = 3  # epochs without improvement of the validation metric; 0 = off
     # BloodNet three-step schedule (arch = bloodnet/multitask): epochs of each step, then `epochs` is unused
-    seg_epochs: int = 2  # step 1: lambda = 1, segmentation only
+    seg_epochs: int = 4  # step 1: lambda = 1, segmentation only (balanced epochs: each ~2/5 of a full one)
     head_epochs: int = 1  # step 2: lambda = 0, everything frozen but the final classification layer
     joint_epochs: int = 3  # step 3: lambda = joint_lambda, end to end
     joint_lambda: float = 0.5

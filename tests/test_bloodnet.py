@@ -27,7 +27,7 @@ S = 32
 
 
 def _cfg(*sets: str):
-    return load_config(None, ["backbone=resnet10t", "arch=bloodnet", "drop_rate=0", *sets])
+    return load_config(None, ["backbone=resnet10t", "arch=bloodnet", "drop_rate=0", "context=0", *sets])
 
 
 def _meta(n: int, any_labels: list[int], mask_rows: list[int], rows: int = 512, cols: int = 400) -> pd.DataFrame:

@@ -65,8 +65,8 @@ def test_weak_mode_learns_where_the_blob_is_from_slice_labels_alone():
     torch.set_num_threads(1)  # 32 px tensors: a second thread only waits on the first (10x slower on busy cores)
     try:
         torch.manual_seed(0)
-        cfg = load_config(None, ["backbone=resnet10t", "arch=bloodnet", "masks=none", "drop_rate=0", "lr=3e-3",
-                                 "warmup_epochs=0", "batch_size=16"])
+        cfg = load_config(None, ["backbone=resnet10t", "arch=bloodnet", "masks=none", "context=0", "drop_rate=0",
+                                 "lr=3e-3", "warmup_epochs=0", "batch_size=16"])
         meta, images, _ = _blob_set(64, seed=0)
         train_ds = SliceDataset(meta, images)  # no masks at all: positives are unknown, negatives known empty
         assert sorted(set(train_ds.mask_state.tolist())) == [-1, 0]

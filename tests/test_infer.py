@@ -73,7 +73,8 @@ def save_tiny_checkpoints(calib: list[Path], exp: str = EXP, n_folds: int = 2, a
     A random network answers ~the same for every slice; the head is rescaled so that on the `calib` files each
     label's logit has mean 0 and std 2: probabilities then spread over ~0.1-0.9 and flags differ by slice.
     """
-    cfg = load_config(None, ["backbone=resnet10t", f"image_size={SIZE}", f"arch={arch}", f"exp={exp}", "tta_flip=true"])
+    cfg = load_config(None, ["backbone=resnet10t", f"image_size={SIZE}", f"arch={arch}", f"exp={exp}", "context=0",
+                             "tta_flip=true"])
     x = torch.from_numpy(np.stack([to_channels(read_hu(f), SIZE) for f in calib])).float() / 255.0
     out = []
     for k in range(n_folds):

@@ -26,7 +26,7 @@ def test_forward_shapes_and_finite(arch, context):
 
 def test_pretrained_file_is_loaded_and_stem_adapted(tmp_path):
     """A local timm checkpoint for 3 channels loads into a 15-channel model (timm adapts the first conv)."""
-    source = build_model(load_config(None, ["arch=classifier", "backbone=resnet10t"]))
+    source = build_model(load_config(None, ["arch=classifier", "backbone=resnet10t", "context=0"]))
     path = tmp_path / "resnet10t.pth"
     torch.save(source.net.state_dict(), path)
     cfg = load_config(None, ["arch=classifier", "backbone=resnet10t", "context=2", f"pretrained_path={path}"])

@@ -18,21 +18,21 @@ spec.loader.exec_module(recipes)
 
 def test_quick_run_trains_scores_and_resumes(tiny_data, tmp_path, monkeypatch):
     out = tmp_path / "bench"
-    assert recipes.main(["--quick", "--data", str(tiny_data), "--only", "context1", "--out", str(out)]) == 0
+    assert recipes.main(["--quick", "--data", str(tiny_data), "--only", "seg2", "--out", str(out)]) == 0
     (row,) = json.loads((out / "recipes-quick.json").read_text())["rows"]
-    assert row["recipe"] == "context1" and row["status"] == "ran" and row["train_min"] > 0
+    assert row["recipe"] == "seg2" and row["status"] == "ran" and row["train_min"] > 0
     assert row["exp"].startswith("bloodnet-resnet10t-64px-c1-")  # its own name: the quick keys are in the hash
     assert row["fold0_wll"] > 0 and 0 <= row["auc_any"] <= 1
     assert 0 <= row["study_auc_any"] <= 1 or pd.isna(row["study_auc_any"])
     assert "volume_mdape_pct" in row and "volume_spearman" in row  # a BloodNet recipe is scored on its volumes too
     text = (out / "recipes-quick.md").read_text()
-    assert "QUICK MODE" in text and "load average" in text and "| context1 |" in text
+    assert "QUICK MODE" in text and "load average" in text and "| seg2 |" in text
     # A second call (a killed bench started again) reuses the saved result instead of training again.
     monkeypatch.setattr("src.cnn.train.run_fold", lambda *a, **k: pytest.fail("trained again"))
-    assert recipes.main(["--quick", "--data", str(tiny_data), "--only", "context1", "--out", str(out)]) == 0
+    assert recipes.main(["--quick", "--data", str(tiny_data), "--only", "seg2", "--out", str(out)]) == 0
     # A fold trained outside the bench (run_fold.sh) is scored with its own epoch times, not a near-zero "rerun".
     (out / "recipes-quick" / f"{row['exp']}.json").unlink()
-    assert recipes.main(["--quick", "--data", str(tiny_data), "--only", "context1", "--out", str(out)]) == 0
+    assert recipes.main(["--quick", "--data", str(tiny_data), "--only", "seg2", "--out", str(out)]) == 0
     (again,) = json.loads((out / "recipes-quick.json").read_text())["rows"]
     epochs = pd.read_csv(recipes.OOF_DIR / row["exp"] / "fold0_epochs.csv")
     assert again["status"] == "ran before" and again["train_min"] == pytest.approx(epochs["epoch_time_s"].sum() / 60)

@@ -46,4 +46,4 @@ def test_gpu_mode_rows_run_on_any_device(tiny_data):
     assert row["model_images_per_s"] > 0 and row["loader_images_per_s"] > 0
     assert "| resnet10t | 48 |" in bench.gpu_table(rows)
     ds = bench.resized_dataset(meta, images, cfg, 48, n=5)
-    assert ds[0]["image"].shape == (3, 48, 48) and len(ds) == 5
+    assert ds[0]["image"].shape == (cfg.in_chans, 48, 48) and len(ds) == 5
