@@ -7,6 +7,7 @@ import sys
 import pandas as pd
 import pytest
 
+from src.config import load_config
 from src.errors import InputError
 from src.paths import ROOT
 
@@ -58,3 +59,10 @@ def test_study_auc_uses_the_max_over_each_study():
 def test_unknown_recipe_name_is_an_error(tmp_path):
     with pytest.raises(InputError, match="no such recipe"):
         recipes.main(["--only", "nope", "--out", str(tmp_path)])
+
+
+def test_every_recipe_loads_and_trains_into_its_own_folder():
+    """A recipe's row is cached under its experiment name: two recipes sharing one would show one run twice."""
+    names = [load_config(None, list(r.sets)).exp_name for r in recipes.RECIPES]
+    assert len(set(names)) == len(names) == len(recipes.RECIPES)
+    assert names[0] == load_config(None, []).exp_name  # the first row is the default itself
