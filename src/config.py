@@ -115,6 +115,9 @@ class Config:
     weak_pool_r: float = 2.0  # masks=none: log-sum-exp pooling sharpness (large = max, small = mean)
     seg_balance: bool = True  # segment-only epochs draw every slice with blood and as many empty ones (~2/5 the cost)
     hu_prior: bool = False  # gate the blood map by a soft acute-blood Hounsfield range (constants.BLOOD_HU)
+    # seg_balance's negatives: 0 = uniform; h in (0, 1] = drawn with weight (1 - h)/n + h x (share of the slice's
+    # hyperdense pixels, constants.HYPERDENSE_HU): the falx, sinuses, vessels and skull edges the map mistakes for blood
+    seg_hard_negatives: float = 0.0
     # training engine (GPU-ready loop): EMA, accumulation, seeds, compile, logging
     ema: bool = False  # validate, keep and predict with timm's ModelEmaV3 average of the weights
     ema_decay: float = 0.999  # reached after timm's warmup (decay grows from 0 with the optimizer step)
@@ -219,6 +222,8 @@ def load_config(path: str | None = None, sets: list[str] | None = None) -> Confi
         raise InputError(f"config key cache_format: {cfg.cache_format!r} is not one of {', '.join(CACHE_FORMATS)}")
     if len(cfg.class_weights) != len(LABEL_WEIGHTS):
         raise InputError(f"config key class_weights: expected {len(LABEL_WEIGHTS)} values")
+    if not 0.0 <= cfg.seg_hard_negatives <= 1.0:
+        raise InputError(f"config key seg_hard_negatives: {cfg.seg_hard_negatives} is not between 0 and 1")
     return cfg
 
 

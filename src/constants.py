@@ -21,6 +21,10 @@ WINDOWS: tuple[tuple[str, float, float], ...] = (
 # The soft edges (BLOOD_HU_EDGE HU wide) allow for partial volume, scanner drift and the brightness augmentation.
 BLOOD_HU: tuple[float, float] = (40.0, 100.0)
 BLOOD_HU_EDGE = 5.0
+# Hyperdense but not bone: what a negative slice must hold to be a hard negative for the blood map (config key
+# seg_hard_negatives). Above grey matter (~30-40 HU) so plain parenchyma does not count; the falx, venous sinuses,
+# vessels, choroid plexus and the partial-volume rim of the skull's inner table fall in it, as acute blood does.
+HYPERDENSE_HU: tuple[float, float] = (45.0, 100.0)
 
 # How the image cache stores its uint8 rows (config key cache_format): memmap = raw .npy, read in place; zstd = each
 # row compressed on its own (src/data/packed.py), ~5x smaller, decoded when read. Lossless, so both train the same.

@@ -102,3 +102,64 @@ def test_model_with_hu_prior_cannot_paint_bone_or_air():
         prob = torch.sigmoid(model(image, torch.ones(1))["seg_logits"])[0, 0]
     assert prob[20:, 4:12].min() > 0.9
     assert prob[:12].max() < 0.01 and prob[20:, 20:].max() < 0.01
+
+
+def _cache_with_hyperdense_share(shares: list[float], size: int = 20, context: int = 0) -> np.ndarray:
+    """uint8 cache rows [n, windows, S, S] from HU slices: 30 HU parenchyma with the given share of 60 HU (a falx,
+    a sinus) and a 150 HU bone rim that must not count."""
+    from src.data.windows import to_channels
+
+    rows = []
+    for share in shares:
+        hu = np.full((size, size), 30.0, np.float32)
+        hu[0] = 150.0  # bone: above the band
+        hu.flat[size : size + round(share * size * size)] = 60.0
+        rows.append(to_channels(hu, size))
+    return np.stack(rows)
+
+
+def test_hyperdense_share_counts_the_band_only_from_memmap_or_packed_rows(tmp_path):
+    from src.data.windows import hyperdense_share
+
+    images = _cache_with_hyperdense_share([0.0, 0.1, 0.25])
+    share = hyperdense_share(images, np.array([2, 0, 1]))
+    assert share == pytest.approx([0.25, 0.0, 0.1], abs=1e-6)
+
+    class Packed:  # packed rows index whole rows only, as src.data.packed.PackedRows does
+        def __getitem__(self, rows):
+            assert not isinstance(rows, tuple)
+            return images[rows]
+
+    assert hyperdense_share(Packed(), np.array([2, 0, 1]), chunk=2) == pytest.approx(share)
+    with pytest.raises(ValueError, match="does not fit"):
+        hyperdense_share(images, np.array([0]), band=(150.0, 300.0))
+
+
+def test_hard_negative_weights_go_from_uniform_to_the_hyperdense_pixels():
+    from src.cnn.sampling import hard_negative_weights
+
+    share = np.array([0.0, 0.1, 0.3])
+    assert hard_negative_weights(share, 0.0) == pytest.approx([1 / 3] * 3)
+    strict = hard_negative_weights(share, 1.0)
+    assert strict == pytest.approx([0.0, 0.25, 0.75], abs=1e-6) and strict[0] > 0  # still drawable
+    half = hard_negative_weights(share, 0.5)
+    assert half.sum() == pytest.approx(1.0) and half[0] < 1 / 3 < half[2]
+    assert hard_negative_weights(np.zeros(4), 1.0) == pytest.approx([0.25] * 4)  # nothing hyperdense: uniform
+
+
+def test_seg_hard_negatives_draws_the_mimic_slices_more_often_and_zero_keeps_the_plain_draw():
+    shares = [0.2, 0.2] + [0.0] * 6 + [0.3, 0.3]  # two positives, six plain negatives, two mimic-rich negatives
+    state = [1, 1, 0, 0, 0, 0, 0, 0, 0, 0]
+    ds = States(state)
+    ds.images = _cache_with_hyperdense_share(shares)
+    ds.neighbours = np.arange(len(state))[:, None]
+    cfg = load_config(None, ["arch=bloodnet", "seg_epochs=40", "masks=full", "seg_hard_negatives=0.9"])
+    hard = segment_subset(ds, cfg, phases_for(cfg), seed=0)
+    mimic_draws = sum(len({8, 9} & set(hard(e))) for e in range(40))
+    assert mimic_draws > 0.6 * 80  # uniform would draw each of the eight negatives 2/8 of the time: 20 of 80
+    cfg.seg_hard_negatives = 0.0
+    plain = segment_subset(ds, cfg, phases_for(cfg), seed=0)
+    positive, negative = np.array([0, 1]), np.arange(2, 10)
+    assert all(np.array_equal(plain(e), balanced_subset(positive, negative, 0, e)) for e in range(5))
+    with pytest.raises(Exception, match="seg_hard_negatives"):
+        load_config(None, ["seg_hard_negatives=1.5"])

@@ -22,9 +22,10 @@ from src.cnn.distributed import barrier, loader_for, shard_loader
 from src.cnn.history import write_epochs
 from src.cnn.loop import make_optimizer, train_one_epoch, validate
 from src.cnn.runtime import Runtime, make_ema, wrap_model
-from src.cnn.sampling import EpochSampler, SeededItems, balanced_subset, seed_epoch
+from src.cnn.sampling import EpochSampler, SeededItems, balanced_subset, hard_negative_weights, seed_epoch
 from src.cnn.schedule import Phase, phase_at
 from src.config import Config
+from src.data.windows import hyperdense_share
 
 
 @dataclass
@@ -77,7 +78,16 @@ def segment_subset(train_ds, cfg: Config, phases: list[Phase], seed: int) -> Cal
     segment_epochs = {e for e in range(sum(p.epochs for p in phases)) if phase_at(phases, e)[0].seg_lambda >= 1.0}
     if not len(positive) or not len(negative) or not segment_epochs:
         return None
-    return lambda epoch: balanced_subset(positive, negative, seed, epoch) if epoch in segment_epochs else None
+    weight = None
+    if cfg.seg_hard_negatives > 0:
+        started = time.perf_counter()
+        centre = train_ds.neighbours[negative, train_ds.neighbours.shape[1] // 2]
+        share = hyperdense_share(train_ds.images, centre)
+        weight = hard_negative_weights(share, cfg.seg_hard_negatives)
+        print(f"[train] seg_hard_negatives={cfg.seg_hard_negatives:g}: {len(negative)} negatives scored by their "
+              f"hyperdense pixels (median {np.median(share):.2%}, max {share.max():.2%}) in "
+              f"{time.perf_counter() - started:.1f} s", flush=True)
+    return lambda epoch: balanced_subset(positive, negative, seed, epoch, weight) if epoch in segment_epochs else None
 
 
 def train_epochs(core: nn.Module, train_ds, valid_ds, cfg: Config, rt: Runtime, phases: list[Phase],

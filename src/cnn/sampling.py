@@ -64,15 +64,26 @@ class EpochSampler(Sampler):
         return iter([(i, self.epoch) for i in mine])
 
 
-def balanced_subset(positive: np.ndarray, negative: np.ndarray, seed: int, epoch: int) -> np.ndarray:
+def balanced_subset(positive: np.ndarray, negative: np.ndarray, seed: int, epoch: int,
+                    negative_weight: np.ndarray | None = None) -> np.ndarray:
     """Every positive index and as many negatives, the negatives drawn afresh from (seed, epoch); sorted.
 
     Blood is on ~1 slice in 5 of the embedded set and ~1 in 7 of RSNA's, and on well under 1% of a positive
     slice's pixels: a segmentation epoch over all slices spends most of its steps on empty ones. Half-positive
-    epochs give the decoder the same number of bleeds at about 2/5 of the cost (a seed-fixed draw, so resumable)."""
+    epochs give the decoder the same number of bleeds at about 2/5 of the cost (a seed-fixed draw, so resumable).
+    `negative_weight` (one per negative, summing to 1) skews the draw towards hard negatives."""
     rng = np.random.default_rng(mixed_seed(seed, epoch, 0x5E6))
     take = min(len(negative), len(positive))
-    return np.sort(np.concatenate([positive, rng.choice(negative, size=take, replace=False)]))
+    return np.sort(np.concatenate([positive, rng.choice(negative, size=take, replace=False, p=negative_weight)]))
+
+
+def hard_negative_weights(hyperdense: np.ndarray, hardness: float) -> np.ndarray:
+    """Draw weights (1 - h)/n + h x share of the hyperdense pixels: h = 0 is uniform, h = 1 follows the pixels alone.
+
+    A floor of 1e-9 keeps every negative drawable, so a draw without replacement never runs out of candidates."""
+    share = hyperdense / hyperdense.sum() if hyperdense.sum() > 0 else np.full(len(hyperdense), 1.0 / len(hyperdense))
+    weight = (1.0 - hardness) / len(hyperdense) + hardness * share + 1e-9
+    return weight / weight.sum()
 
 
 class SeededItems(Dataset):
