@@ -304,8 +304,11 @@ def markdown(rows: list[dict], info: dict, lines: list[str]) -> str:
             row[f"n={n:,}"] = "" if hit is None else f"{hit['seconds']:.1f} s{peak}"
         row["growth exponent"] = f"{exp[stage]:.2f}" if stage in exp else ""
         table.append(row)
-    head = (f"Machine: {info['cores']} cores ({info['cpu']}), {info['ram_gb']:.0f} GB RAM, shared with other jobs "
-            f"(1-min load average {info['load_before']:.1f} before the run, per stage in scale.json); "
+    loads = [r["load_avg_1min"] for r in rows if r.get("load_avg_1min") is not None] + [info["load_before"]]
+    busy = "shared with other jobs" if max(loads) > info["cores"] else "not shared (load at most the core count)"
+    head = (f"Machine: {info['cores']} cores ({info['cpu']}), {info['ram_gb']:.0f} GB RAM, {busy} "
+            f"(1-min load average {info['load_before']:.1f} before the run, {max(loads):.1f} at most, per stage in "
+            "scale.json); "
             f"embeddings {info['emb_dim']}-d float16; stackers with --seeds {info['seeds']} --max-rounds "
             f"{info['max_rounds']} --gru-epochs {info['gru_epochs']}; report --n-boot {info['n_boot']}.\n")
     return head + "\n" + markdown_table(pd.DataFrame(table)) + "\n" + "\n".join(f"- {x}" for x in lines) + "\n"

@@ -47,3 +47,13 @@ def test_growth_exponent_and_goals_projected_from_the_largest_scale():
     lines = scale.verdicts(rows, 64_000, args, threads=2)
     assert "missed" in next(line for line in lines if line.startswith("report:"))
     assert any("would take ~" in line for line in lines)
+
+
+def test_table_header_says_whether_other_jobs_shared_the_cores():
+    info = {"cores": 2, "cpu": "x86_64", "ram_gb": 24.0, "load_before": 0.5, "emb_dim": 8, "seeds": 1,
+            "max_rounds": 10, "gru_epochs": 1, "n_boot": 10}
+    rows = [{"n": 100, "stage": "folds", "seconds": 1.0, "peak_gb": 0.1, "load_avg_1min": 1.2}]
+    assert "not shared" in scale.markdown(rows, info, [])
+    rows[0]["load_avg_1min"] = 5.0
+    busy = scale.markdown(rows, info, [])
+    assert "shared with other jobs" in busy and "5.0 at most" in busy
