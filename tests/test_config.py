@@ -25,8 +25,8 @@ def test_defaults_and_overrides(tmp_path):
     assert cfg.epochs == 3 and cfg.tta_flip is False
     assert cfg.class_weights == (1.0, 1.0, 1.0, 1.0, 1.0, 3.0)
     # The readable part, then a hash of the keys changed here beyond it (tests/test_experiment_name.py).
-    assert cfg.readable_name == "bloodnet-resnet10t-128px-c2"
-    assert cfg.exp_name.startswith("bloodnet-resnet10t-128px-c2-")
+    assert cfg.readable_name == "bloodnet-resnet10t-96px-c2"
+    assert cfg.exp_name.startswith("bloodnet-resnet10t-96px-c2-")
 
 
 def test_default_training_loss_is_the_competition_metric():

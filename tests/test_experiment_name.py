@@ -21,8 +21,8 @@ def test_two_experiments_differing_only_in_lr_get_different_names():
 
 
 def test_defaults_keep_the_readable_name_runs_had_before():
-    assert load_config().exp_name == "bloodnet-resnet10t-128px-c1"
-    assert load_config(None, ["context=2"]).exp_name == "bloodnet-resnet10t-128px-c2"
+    assert load_config().exp_name == "bloodnet-resnet10t-96px-c1"
+    assert load_config(None, ["context=2"]).exp_name == "bloodnet-resnet10t-96px-c2"
     assert load_config(None, ["lr=0.001"]).exp_name == load_config().exp_name  # a default spelled out is the default
 
 

@@ -66,3 +66,15 @@ def test_every_recipe_loads_and_trains_into_its_own_folder():
     names = [load_config(None, list(r.sets)).exp_name for r in recipes.RECIPES]
     assert len(set(names)) == len(names) == len(recipes.RECIPES)
     assert names[0] == load_config(None, []).exp_name  # the first row is the default itself
+
+
+def test_a_recipe_that_training_refuses_is_skipped_and_the_bench_goes_on(tiny_data, tmp_path, monkeypatch):
+    def refuse(cfg, fold, data_dir):
+        raise InputError("work/models/x/fold0/last.pt: checkpoint was trained with other settings (lr)")
+
+    monkeypatch.setattr("src.cnn.train.run_fold", refuse)
+    monkeypatch.setattr(recipes, "OOF_DIR", tmp_path / "oof")  # no fold trained before under these names
+    assert recipes.main(["--quick", "--data", str(tiny_data), "--only", "seg2", "c0-seg2", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "recipes-quick.json").read_text())["rows"]
+    assert [r["recipe"] for r in rows] == ["c0-seg2", "seg2"]
+    assert all(r["status"].startswith("skipped: ") and "other settings" in r["status"] for r in rows)

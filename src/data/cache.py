@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from src import paths
 from src.atomic import write_csv, write_json
+from src.config import Config
 from src.constants import CACHE_FORMATS, ID_COL, WINDOWS
 from src.data import dicom
 from src.data.dicom import DicomError
@@ -321,7 +322,7 @@ def load_cache(
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m src.data.cache", description=__doc__)
     parser.add_argument("--data", help="data directory (default: $ICH_DATA, input/, input/synthetic/)")
-    parser.add_argument("--size", type=int, default=128)
+    parser.add_argument("--size", type=int, default=Config.image_size, help="pixels a side (default: the config's)")
     parser.add_argument("--split", choices=("train", "test", "both"), default="both")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--format", default="memmap", help=f"{' | '.join(CACHE_FORMATS)} (config key cache_format)")
