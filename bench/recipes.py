@@ -52,8 +52,9 @@ class Recipe:
 
 # Each recipe spells out every key it runs at that differs from today's default or from the defaults it was
 # measured around, so a row names the same run whatever the default becomes (rows are cached by experiment name).
-# Most alternatives were measured around the 128 px defaults of earlier stops: `AT_128` (context 1, 4 balanced
-# segment + 1 head + 3 joint, the default before this one) and the c0 rows (context 0, 2 + 1 + 3, the one before).
+# Most alternatives were measured around two 128 px defaults: `AT_128` (context 1, 4 balanced
+# segment + 1 head + 3 joint, the default before the 96 px runs) and the c0 rows (context 0, 2 + 1 + 3, last
+# stop's).
 # Segment epochs are balanced (seg_balance: every painted slice and as many empty ones, ~2/5 of an epoch). An epoch
 # costs ~ pixels, so 96 px affords ~1.8x the epochs of 128 px and 160 px ~0.65x; context widens only the first
 # convolution. Listed in the order they run, the ones the decisions hang on first.
@@ -61,7 +62,7 @@ AT_128: tuple[str, ...] = ("image_size=128", "seg_epochs=4", "joint_epochs=3")
 RECIPES: tuple[Recipe, ...] = (
     Recipe("default", "the default: BloodNet, 96 px, context 1, 3 balanced segment + 1 head + 6 joint epochs"),
     Recipe("seed1", "the default again with seed 1: how much of a row is the draw", ("seed=1",)),
-    Recipe("128px", "the previous default: 128 px, 4 balanced segment + 1 + 3", AT_128),
+    Recipe("128px", "128 px, 4 balanced segment + 1 + 3 (the default before the 96 px runs)", AT_128),
     Recipe("128px-nomask-hu", "128px without masks (weak: pooled map) + Hounsfield prior",
            (*AT_128, "masks=none", "hu_prior=true")),
     Recipe("128px-nomask", "128px without masks (weak: pooled map), no prior", (*AT_128, "masks=none")),
@@ -74,7 +75,7 @@ RECIPES: tuple[Recipe, ...] = (
     Recipe("classifier-c0", "plain timm classifier, 128 px, no context (6 epochs)",
            ("arch=classifier", "image_size=128", "context=0")),
     Recipe("classifier", "plain timm classifier, 128 px, context 1 (6 epochs)", ("arch=classifier", "image_size=128")),
-    Recipe("c0-seg2", "two defaults ago: 128 px, context 0, 2 segment + 1 + 3",
+    Recipe("c0-seg2", "last stop's default, segment epochs balanced: 128 px, context 0, 2 + 1 + 3",
            ("image_size=128", "context=0", "seg_epochs=2", "joint_epochs=3")),
     Recipe("seg2", "128 px, context 1, 2 segment + 1 + 3", ("image_size=128", "seg_epochs=2", "joint_epochs=3")),
     Recipe("c2-seg2", "128 px, context 2 (15 channels), 2 segment + 1 + 3",
