@@ -238,7 +238,7 @@ def test_ablation_configs_share_an_epoch_budget():
     assert [v.arch for v in variants.values()] == ["classifier", "multitask", "bloodnet", "bloodnet"]
     assert [v.masks for v in variants.values()] == ["auto", "auto", "auto", "none"]
     nomask, bloodnet = variants["bloodnet_nomask"].exp_name, variants["bloodnet"].exp_name
-    assert nomask.startswith("bloodnet-resnet10t-128px-c2-") and nomask != bloodnet
+    assert nomask.startswith(f"bloodnet-resnet10t-{load_config().image_size}px-c2-") and nomask != bloodnet
     assert variants["classifier"].epochs == 7 and len({v.exp_name for v in variants.values()}) == 4
     assert all(v.context == 2 and v.backbone == "resnet10t" for v in variants.values())
 

@@ -48,7 +48,7 @@ def test_leaderboard_reads_two_experiments_sorted_by_cv(two_experiments):
     assert first["folds"] == "1/5" and first["lgbm_wll"] == pytest.approx(0.18) and pd.isna(first["gru_wll"])
     assert pd.isna(second["lgbm_wll"]) and second["train_min"] == pytest.approx(2.0)
     assert first["other_settings"] == "aug.hflip=0.0 lr=0.0001" and second["other_settings"] == "lr=0.0003"
-    assert first["arch"] == "bloodnet" and first["image_size"] == 128
+    assert first["arch"] == "bloodnet" and first["image_size"] == load_config().image_size
 
 
 def test_cli_prints_and_writes_the_table(two_experiments, capsys):
