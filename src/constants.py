@@ -25,6 +25,9 @@ BLOOD_HU_EDGE = 5.0
 # seg_hard_negatives). Above grey matter (~30-40 HU) so plain parenchyma does not count; the falx, venous sinuses,
 # vessels, choroid plexus and the partial-volume rim of the skull's inner table fall in it, as acute blood does.
 HYPERDENSE_HU: tuple[float, float] = (45.0, 100.0)
+# The window blood's Hounsfield range is read back from: 80/200 spans -20..180 HU, so 40-100 HU is neither clipped
+# nor coarse (0.78 HU per uint8 code).
+BLOOD_WINDOW = "subdural"
 
 # How the image cache stores its uint8 rows (config key cache_format): memmap = raw .npy, read in place; zstd = each
 # row compressed on its own (src/data/packed.py), ~5x smaller, decoded when read. Lossless, so both train the same.

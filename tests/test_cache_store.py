@@ -42,6 +42,9 @@ def test_zstd_store_holds_the_memmaps_rows_bit_for_bit(both):
     assert masks_m.any()  # the tiny set has painted masks: they went through the store too
     rows = np.array([5, 0, len(images_m) - 1, 5])
     np.testing.assert_array_equal(images_z[rows], images_m[rows])
+    np.testing.assert_array_equal(images_z[rows, 1], images_m[rows, 1])  # rows and a window, as numpy indexes them
+    np.testing.assert_array_equal(images_z[2:5, 0, 3], images_m[2:5, 0, 3])
+    np.testing.assert_array_equal(images_z[3, 2], images_m[3, 2])
     np.testing.assert_array_equal(images_z[-1], images_m[-1])
     np.testing.assert_array_equal(images_z[3, 1], images_m[3, 1])
     np.testing.assert_array_equal(images_z[10:20:3], images_m[10:20:3])

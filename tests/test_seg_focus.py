@@ -104,7 +104,7 @@ def test_model_with_hu_prior_cannot_paint_bone_or_air():
     assert prob[:12].max() < 0.01 and prob[20:, 20:].max() < 0.01
 
 
-def _cache_with_hyperdense_share(shares: list[float], size: int = 20, context: int = 0) -> np.ndarray:
+def _cache_with_hyperdense_share(shares: list[float], size: int = 20) -> np.ndarray:
     """uint8 cache rows [n, windows, S, S] from HU slices: 30 HU parenchyma with the given share of 60 HU (a falx,
     a sinus) and a 150 HU bone rim that must not count."""
     from src.data.windows import to_channels
@@ -119,18 +119,19 @@ def _cache_with_hyperdense_share(shares: list[float], size: int = 20, context: i
 
 
 def test_hyperdense_share_counts_the_band_only_from_memmap_or_packed_rows(tmp_path):
+    from src.data.packed import ChunkWriter, PackedRows, seal
     from src.data.windows import hyperdense_share
 
     images = _cache_with_hyperdense_share([0.0, 0.1, 0.25])
     share = hyperdense_share(images, np.array([2, 0, 1]))
     assert share == pytest.approx([0.25, 0.0, 0.1], abs=1e-6)
 
-    class Packed:  # packed rows index whole rows only, as src.data.packed.PackedRows does
-        def __getitem__(self, rows):
-            assert not isinstance(rows, tuple)
-            return images[rows]
-
-    assert hyperdense_share(Packed(), np.array([2, 0, 1]), chunk=2) == pytest.approx(share)
+    writer = ChunkWriter(tmp_path, 0, 0, len(images), images.shape[1:])  # the zstd cache store, one chunk
+    for row, image in enumerate(images):
+        writer[row] = image
+    writer.flush()
+    seal(tmp_path, images.shape)
+    assert hyperdense_share(PackedRows(tmp_path), np.array([2, 0, 1]), chunk=2) == pytest.approx(share)
     with pytest.raises(ValueError, match="does not fit"):
         hyperdense_share(images, np.array([0]), band=(150.0, 300.0))
 

@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from src.config import Config
-from src.constants import BLOOD_HU, BLOOD_HU_EDGE, LABELS, WINDOWS
+from src.constants import BLOOD_HU, BLOOD_HU_EDGE, BLOOD_WINDOW, LABELS
+from src.data.windows import window_channel
 from src.errors import InputError
 
 # log1p(mm³ / VOLUME_SCALE) keeps the volume feature O(1): a large bleed is ~10⁴–10⁵ mm³ per slice.
@@ -30,14 +31,10 @@ def create_timm(cfg: Config, **kwargs) -> nn.Module:
         raise InputError(f"backbone {cfg.backbone!r}: {str(err).splitlines()[0]}") from err
 
 
-# The window the Hounsfield prior reads: 80/200 spans -20..180 HU, so 40-100 HU is neither clipped nor coarse.
-PRIOR_WINDOW = "subdural"
-
-
-def blood_hu_prior(window_value: torch.Tensor, window: str = PRIOR_WINDOW) -> torch.Tensor:
+def blood_hu_prior(window_value: torch.Tensor, window: str = BLOOD_WINDOW) -> torch.Tensor:
     """Soft 0-1 membership of constants.BLOOD_HU, from an image channel scaled to [0, 1] in the named window."""
-    _, center, width = next(w for w in WINDOWS if w[0] == window)
-    hu = center - width / 2.0 + window_value.float() * width
+    _, low, width = window_channel(window)
+    hu = low + window_value.float() * width
     low, high = BLOOD_HU
     return torch.sigmoid((hu - low) / BLOOD_HU_EDGE) * torch.sigmoid((high - hu) / BLOOD_HU_EDGE)
 
@@ -94,7 +91,7 @@ class SegClassifier(nn.Module):
         super().__init__()
         self.use_volume = cfg.arch == "bloodnet"
         # The centre slice's channel of the prior's window (channels are slice-major: 3 windows per slice).
-        self.prior_channel = 3 * cfg.context + [w[0] for w in WINDOWS].index(PRIOR_WINDOW) if cfg.hu_prior else None
+        self.prior_channel = 3 * cfg.context + window_channel(BLOOD_WINDOW)[0] if cfg.hu_prior else None
         self.encoder = create_timm(cfg, features_only=True)
         channels = self.encoder.feature_info.channels()
         decoder_channels = [max(16, c // 2) for c in channels[:-1]][::-1]

@@ -128,8 +128,9 @@ class PackedRows:
         out[...] = np.frombuffer(self._dctx.decompress(blob), dtype=np.uint8).reshape(self.shape[1:])
 
     def __getitem__(self, key) -> np.ndarray:
-        if isinstance(key, tuple):  # images[row, window]: decode the row, then index within it
-            return self[key[0]][key[1:]]
+        if isinstance(key, tuple):  # images[rows, window]: decode the rows, then index within each, as numpy would
+            picked = self[key[0]]
+            return picked[key[1:] if isinstance(key[0], (int, np.integer)) else (slice(None), *key[1:])]
         if isinstance(key, (int, np.integer)):
             i = int(key) + (self.shape[0] if key < 0 else 0)
             if not 0 <= i < self.shape[0]:

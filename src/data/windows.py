@@ -5,7 +5,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from src.constants import AIR_HU, HYPERDENSE_HU, WINDOWS
+from src.constants import AIR_HU, BLOOD_WINDOW, HYPERDENSE_HU, WINDOWS
 
 
 def pad_to_square(hu: np.ndarray, fill: float = AIR_HU) -> np.ndarray:
@@ -70,23 +70,26 @@ def mask_to_size(mask: np.ndarray, size: int) -> np.ndarray:
     return (scaled >= 0.5).astype(np.uint8)
 
 
-def hyperdense_share(images, rows: np.ndarray, band: tuple[float, float] = HYPERDENSE_HU, window_name: str = "subdural",
-                     chunk: int = 512) -> np.ndarray:
+def window_channel(name: str) -> tuple[int, float, float]:
+    """A constants.WINDOWS entry by name: its channel in the cache, its lowest HU and its width in HU."""
+    channel = [w[0] for w in WINDOWS].index(name)
+    _, center, width = WINDOWS[channel]
+    return channel, center - width / 2.0, width
+
+
+def hyperdense_share(images, rows: np.ndarray, band: tuple[float, float] = HYPERDENSE_HU,
+                     window_name: str = BLOOD_WINDOW, chunk: int = 512) -> np.ndarray:
     """Fraction of each cached slice's pixels inside `band` HU, read back from its uint8 `window_name` channel.
 
-    The subdural window (-20...180 HU) holds the 45-100 HU band unclipped at 0.78 HU per code. `images` is the cache
-    (memmap or packed rows, [n, windows, S, S]); rows are read `chunk` at a time."""
-    channel = [w[0] for w in WINDOWS].index(window_name)
-    _, center, width = WINDOWS[channel]
-    low = center - width / 2.0
+    `images` is the cache (memmap or packed rows, [n, windows, S, S]); rows are read `chunk` at a time, one channel
+    (a memmap reads only that channel's bytes; packed rows decode whole rows)."""
+    channel, low, width = window_channel(window_name)
     if not low <= band[0] < band[1] <= low + width:
         raise ValueError(f"HU band {band} does not fit the {window_name} window ({low:g} to {low + width:g} HU)")
     first_code = np.ceil((band[0] - low) / width * 255.0)  # code v stands for low + v / 255 x width HU
     last_code = np.floor((band[1] - low) / width * 255.0)
     out = np.empty(len(rows), dtype=np.float32)
     for start in range(0, len(rows), chunk):
-        index = rows[start : start + chunk]
-        # A memmap reads the one channel (a third of the bytes); packed rows decode whole rows.
-        block = images[index, channel] if isinstance(images, np.ndarray) else np.asarray(images[index])[:, channel]
+        block = np.asarray(images[rows[start : start + chunk], channel])
         out[start : start + len(block)] = ((block >= first_code) & (block <= last_code)).mean(axis=(1, 2))
     return out
