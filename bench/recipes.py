@@ -71,6 +71,13 @@ RECIPES: tuple[Recipe, ...] = (
            (*AT_128, "seg_hard_negatives=0.5")),
     Recipe("hardneg", "the default, segment epochs' negatives skewed to hyperdense slices",
            ("seg_hard_negatives=0.5",)),
+    Recipe("nomask", "the default without masks (weak: slice labels through the pooled map), as on the real data",
+           ("masks=none",)),
+    Recipe("classifier-96px", "plain timm classifier at the default's size and context, 8 epochs (BloodNet's 3 "
+           "balanced + 1 + 6 see ~8 epochs of images)", ("arch=classifier", "epochs=8")),
+    Recipe("classifier-96px-seed1", "classifier-96px again with seed 1", ("arch=classifier", "epochs=8", "seed=1")),
+    Recipe("classifier-96px-12ep", "classifier-96px, 12 epochs (~BloodNet's training minutes)",
+           ("arch=classifier", "epochs=12")),
     Recipe("96px-longer", "the default, longer still (4 + 1 + 9)", ("seg_epochs=4", "joint_epochs=9")),
     Recipe("classifier-c0", "plain timm classifier, 128 px, no context (6 epochs)",
            ("arch=classifier", "image_size=128", "context=0")),
@@ -90,7 +97,7 @@ RECIPES: tuple[Recipe, ...] = (
 QUICK: tuple[str, ...] = ("image_size=64", "limit_train_batches=2", "batch_size=16", "epochs=1", "seg_epochs=0",
                           "head_epochs=0", "joint_epochs=1", "num_workers=0", "tta_flip=false")
 COLUMNS = ("recipe", "what", "exp", "status", "train_min", "within_budget", "fold0_wll", "auc_any", "study_auc_any",
-           "volume_mdape_pct", "volume_spearman", "wall_min")
+           "volume_mdape_pct", "volume_mdape_ci95", "volume_spearman", "volume_spearman_ci95", "wall_min")
 
 
 def study_auc_any(valid: pd.DataFrame, meta: pd.DataFrame) -> float:
@@ -121,7 +128,11 @@ def run_recipe(recipe: Recipe, data_dir: Path, extra: tuple[str, ...], results_d
     saved = results_dir / f"{cfg.exp_name}.json"
     out_dir = OOF_DIR / cfg.exp_name
     if saved.exists() and (out_dir / "fold0_metrics.json").exists():
-        return {**json.loads(saved.read_text()), **row}
+        row = {**json.loads(saved.read_text()), **row}
+        if "volume_mdape_ci95" not in row and (columns := volume_columns(cfg, out_dir, data_dir)):
+            row.update(columns)  # a row saved before the intervals existed: add them from its predictions
+            write_json(row, saved)
+        return row
     if (out_dir / "fold0_metrics.json").exists():
         # Trained before, outside this bench (e.g. by run_fold.sh): its own epoch times, not a near-zero rerun.
         row.update(status="ran before", train_min=train_minutes(out_dir, [0]))
@@ -143,12 +154,25 @@ def run_recipe(recipe: Recipe, data_dir: Path, extra: tuple[str, ...], results_d
     valid = pd.read_csv(out_dir / "fold0_valid.csv", dtype={ID_COL: str})
     row.update(fold0_wll=metrics["weighted_log_loss"], auc_any=metrics["auc"]["any"],
                study_auc_any=study_auc_any(valid, load_metadata(data_dir, "train")))
-    if cfg.arch != "classifier" and (data_dir / TRUE_VOLUMES_CSV).exists():
-        # Study blood volume against the generator's truth over fold 0's positive studies (evaluate.volumes).
-        summary = run_volumes(out_dir, data_dir)
-        row.update(volume_mdape_pct=summary.get("mdape_percent"), volume_spearman=summary.get("spearman_positive"))
+    row.update(volume_columns(cfg, out_dir, data_dir))
     write_json(row, saved)
     return row
+
+
+def volume_columns(cfg, out_dir: Path, data_dir: Path) -> dict:
+    """Study blood volume against the generator's truth over fold 0's positive studies (evaluate.volumes), with
+    bootstrap 95% intervals; nothing for a classifier or data without true volumes."""
+    if cfg.arch == "classifier" or not (data_dir / TRUE_VOLUMES_CSV).exists():
+        return {}
+    summary = run_volumes(out_dir / "fold0_valid.csv", data_dir)  # fold 0 only, whatever other folds exist
+
+    def interval(key: str, fmt: str) -> str:
+        ci = summary.get(key)
+        return f"{ci[0]:{fmt}}–{ci[1]:{fmt}}" if ci else "n/a"
+
+    return {"volume_mdape_pct": summary.get("mdape_percent"), "volume_mdape_ci95": interval("mdape_ci95", ".0f"),
+            "volume_spearman": summary.get("spearman_positive"),
+            "volume_spearman_ci95": interval("spearman_ci95", ".2f")}
 
 
 def machine() -> str:

@@ -296,6 +296,14 @@ def test_volumes_cli_writes_table_summary_and_plot(tmp_path, monkeypatch):
     assert summary["mdape_percent"] == pytest.approx(10.0) and summary["n_studies"] == 4
     assert len(pd.read_csv(exp / "bloodnet" / "study_volumes.csv")) == 4
     assert (exp / "bloodnet" / "volume_scatter.png").stat().st_size > 5000
+    # One fold's file: its own names beside the experiment's, which it must not overwrite (triage reads those).
+    (exp / "fold0_valid.csv").rename(exp / "fold3_valid.csv")
+    pred.iloc[:4].to_csv(exp / "fold3_valid.csv", index=False)
+    assert volumes.main(["--pred", str(exp / "fold3_valid.csv"), "--data", str(data)]) == 0
+    assert json.loads((exp / "bloodnet" / "volume_summary_fold3_valid.json").read_text())["n_studies"] == 2
+    assert len(pd.read_csv(exp / "bloodnet" / "study_volumes_fold3_valid.csv")) == 2
+    assert (exp / "bloodnet" / "volume_scatter_fold3_valid.png").exists()
+    assert json.loads((exp / "bloodnet" / "volume_summary.json").read_text())["n_studies"] == 4
     with pytest.raises(InputError, match="not found"):
         volumes.main(["--pred", str(tmp_path / "nope"), "--data", str(data)])
 
@@ -344,3 +352,23 @@ def test_slice_dice_and_fold_dice_on_painted_slices():
     dice = overlays.fold_dice(model, cfg, meta, images, masks, torch.device("cpu"))
     assert dice["n_slices"] == 2 and dice["mean_dice"] == pytest.approx(0.4)
     assert overlays.fold_dice(model, cfg, meta, images, None, torch.device("cpu"))["n_slices"] == 0
+
+
+def test_volume_intervals_bracket_the_figures_and_collapse_when_exact():
+    rng = np.random.default_rng(3)
+    true = rng.uniform(500.0, 50_000.0, 12)
+    noisy = true * rng.uniform(0.5, 1.6, 12)
+    table = pd.DataFrame({"true_volume_mm3": [*true, 0.0], "pred_volume_mm3": [*noisy, 900.0]})
+    table["pred_volume_ml"] = table["pred_volume_mm3"] / 1000.0
+    table["abs_pct_error"] = (100 * (table["pred_volume_mm3"] - table["true_volume_mm3"]).abs()
+                              / table["true_volume_mm3"].where(table["true_volume_mm3"] > 0))
+    summary = volumes.volume_summary(table)
+    lo, hi = summary["mdape_ci95"]
+    assert lo <= summary["mdape_percent"] <= hi and hi - lo > 1.0  # 12 noisy studies: a real width
+    lo, hi = summary["spearman_ci95"]
+    assert -1.0 <= lo <= summary["spearman_positive"] <= hi <= 1.0
+    assert summary == volumes.volume_summary(table)  # seeded: the same intervals every time
+    exact = table.assign(pred_volume_mm3=table["true_volume_mm3"], abs_pct_error=table["abs_pct_error"] * 0)
+    summary = volumes.volume_summary(exact)
+    assert summary["mdape_ci95"] == [0.0, 0.0] and summary["spearman_ci95"] == pytest.approx([1.0, 1.0])
+    assert "mdape_ci95" not in volumes.volume_summary(table.iloc[[0, 1, 12]])  # two positive studies: no interval

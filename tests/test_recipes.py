@@ -28,9 +28,15 @@ def test_quick_run_trains_scores_and_resumes(tiny_data, tmp_path, monkeypatch):
     assert "volume_mdape_pct" in row and "volume_spearman" in row  # a BloodNet recipe is scored on its volumes too
     text = (out / "recipes-quick.md").read_text()
     assert "QUICK MODE" in text and "load average" in text and "| seg2 |" in text
-    # A second call (a killed bench started again) reuses the saved result instead of training again.
+    assert {"volume_mdape_ci95", "volume_spearman_ci95"} <= set(row)  # with their bootstrap intervals
+    # A second call (a killed bench started again) reuses the saved result instead of training again; a row saved
+    # before the intervals existed gains them from its predictions.
+    saved = out / "recipes-quick" / f"{row['exp']}.json"
+    saved.write_text(json.dumps({k: v for k, v in row.items() if not k.endswith("_ci95")}))
     monkeypatch.setattr("src.cnn.train.run_fold", lambda *a, **k: pytest.fail("trained again"))
     assert recipes.main(["--quick", "--data", str(tiny_data), "--only", "seg2", "--out", str(out)]) == 0
+    (resumed,) = json.loads((out / "recipes-quick.json").read_text())["rows"]
+    assert resumed["volume_mdape_ci95"] == row["volume_mdape_ci95"] and "volume_mdape_ci95" in saved.read_text()
     # A fold trained outside the bench (run_fold.sh) is scored with its own epoch times, not a near-zero "rerun".
     (out / "recipes-quick" / f"{row['exp']}.json").unlink()
     assert recipes.main(["--quick", "--data", str(tiny_data), "--only", "seg2", "--out", str(out)]) == 0

@@ -52,13 +52,30 @@ def plot_volume_scatter(table: pd.DataFrame, path: Path, title: str = "") -> Pat
     hi = max(float(true.max()), float(pred.max()), 1.0) * 2
     ax.plot([lo, hi], [lo, hi], color="grey", lw=1, ls="--", label="predicted = true")
     ax.set(xscale="log", yscale="log", xlim=(lo, hi), ylim=(lo, hi), xlabel="true blood volume (mL)",
-           ylabel="predicted blood volume (mL)", title=title)
+           ylabel="predicted blood volume (mL)")
+    ax.set_title(title, fontsize=8)
     ax.legend(fontsize=7, loc="lower right")
     return save_png(fig, path)
 
 
+def summary_line(summary: dict) -> str:
+    """'MdAPE 48% [24–89], Spearman 0.81 [0.35–0.99] over 11 positive studies' (bootstrap 95% intervals)."""
+    def figure(name: str, key: str, fmt: str, unit: str = "") -> str:
+        value, ci = summary.get(key), summary.get(key.replace("_percent", "").replace("_positive", "") + "_ci95")
+        if value is None:
+            return f"{name} n/a"
+        interval = f" [{ci[0]:{fmt}}–{ci[1]:{fmt}}]" if ci else ""
+        return f"{name} {value:{fmt}}{unit}{interval}"
+
+    return (f"{figure('MdAPE', 'mdape_percent', '.0f', '%')}, {figure('Spearman', 'spearman_positive', '.2f')} "
+            f"over {summary.get('n_positive_studies', 0)} positive studies (95% bootstrap intervals)")
+
+
 def run_volumes(pred: Path, data_dir: Path | None = None) -> dict:
-    """study_volumes.csv, volume_summary.json and (with true volumes) volume_scatter.png under <pred>/bloodnet/."""
+    """study_volumes.csv, volume_summary.json and (with true volumes) volume_scatter.png under <pred>/bloodnet/.
+
+    For one prediction file (e.g. oof/<exp>/fold0_valid.csv) the names gain its stem (study_volumes_fold0_valid.csv,
+    ...), so one fold's figures never overwrite the experiment's, which triage reads."""
     from src.data.metadata import load_metadata
 
     pred = Path(pred)
@@ -70,14 +87,16 @@ def run_volumes(pred: Path, data_dir: Path | None = None) -> dict:
     vols = study_volumes(table, load_metadata(data_dir, "train"), true)
     summary = volume_summary(vols)
     out_dir = (pred if pred.is_dir() else pred.parent) / "bloodnet"
-    write_csv(vols, out_dir / "study_volumes.csv")
-    write_json({"predictions": str(pred), "data_dir": str(data_dir), **summary}, out_dir / "volume_summary.json")
+    tag = "" if pred.is_dir() else f"_{pred.stem}"
+    write_csv(vols, out_dir / f"study_volumes{tag}.csv")
+    write_json({"predictions": str(pred), "data_dir": str(data_dir), **summary}, out_dir / f"volume_summary{tag}.json")
     if true is not None:
-        mdape = summary.get("mdape_percent")
-        title = f"{pred.name}: MdAPE {mdape:.1f}% over positive studies" if mdape is not None else pred.name
-        plot_volume_scatter(vols, out_dir / "volume_scatter.png", title)
+        title = f"{pred.parent.name}/{pred.name}" if tag else pred.name
+        plot_volume_scatter(vols, out_dir / f"volume_scatter{tag}.png", f"{title}\n{summary_line(summary)}")
     else:
         print(f"note: {true_csv} not found; no true volumes, no error or scatter plot")
+    if true is not None:
+        print(summary_line(summary))
     print(", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))
     print(f"wrote {out_dir}")
     return summary
