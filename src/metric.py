@@ -23,6 +23,16 @@ def weighted_log_loss(y_true: np.ndarray, y_prob: np.ndarray, clip: float = METR
     return float((per_class_log_loss(y_true, y_prob, clip) * weights).sum() / weights.sum())
 
 
+def per_row_weighted_log_loss(y_true: np.ndarray, y_prob: np.ndarray, clip: float = METRIC_CLIP) -> np.ndarray:
+    """Each image's share of the score: Σ_j w_j·BCE_ij / Σ_j w_j, so weighted_log_loss is their mean (bootstraps
+    that reweight images need it per image)."""
+    y_true = np.asarray(y_true, dtype=np.float64)
+    p = np.clip(np.asarray(y_prob, dtype=np.float64), clip, 1.0 - clip)
+    bce = -(y_true * np.log(p) + (1.0 - y_true) * np.log1p(-p))
+    weights = np.asarray(LABEL_WEIGHTS)
+    return (bce * weights).sum(axis=1) / weights.sum()
+
+
 def per_class_auc(y_true: np.ndarray, y_prob: np.ndarray) -> dict[str, float]:
     """ROC AUC per label; NaN where a label has a single class in y_true (AUC undefined)."""
     y_true = np.asarray(y_true)
@@ -52,6 +62,18 @@ def auc_from_ranks(y_true: np.ndarray, score: np.ndarray, weights: np.ndarray | 
     """
     prep = _rank_prep(y_true, score)
     return _weighted_auc(prep, None if weights is None else np.atleast_2d(weights), prep[0])
+
+
+def group_weighted_aucs(y_true: np.ndarray, score: np.ndarray, codes: np.ndarray, counts: np.ndarray,
+                        max_cells: int = 4_000_000) -> np.ndarray:
+    """One AUC per row of counts [B, G], row i weighted by counts[:, codes[i]] (e.g. bootstrap multiplicities of
+    studies), in chunks of at most max_cells weights; NaN where a resample has one class only."""
+    prep = _rank_prep(y_true, score)
+    group_sorted = np.asarray(codes)[prep[0]]
+    counts = np.atleast_2d(counts)
+    chunk = max(1, max_cells // max(len(group_sorted), 1))
+    return np.concatenate([_weighted_auc(prep, counts[start : start + chunk], group_sorted)
+                           for start in range(0, len(counts), chunk)])
 
 
 def _rank_prep(y_true: np.ndarray, score: np.ndarray) -> tuple[np.ndarray, ...]:
