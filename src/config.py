@@ -103,7 +103,8 @@ class Config:
     weight_decay: float = 1e-4
     warmup_epochs: float = 0.5
     grad_clip: float = 5.0
-    early_stopping: int = 3  # epochs without improvement of the validation metric; 0 = off
+    early_stopping: int = 3  # epochs without improvement of validation log loss; 0 = off; ends only the final
+    # phase, and only in its second half (src/cnn/fit.py::may_stop_early)
     # BloodNet three-step schedule (arch = bloodnet/multitask): epochs of each step, then `epochs` is unused
     seg_epochs: int = 3  # step 1: lambda = 1, segmentation only (balanced epochs: each ~2/5 of a full one)
     head_epochs: int = 1  # step 2: lambda = 0, everything frozen but the final classification layer

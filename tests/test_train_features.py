@@ -97,3 +97,16 @@ def _valid_split(data_dir, cfg, ids: pd.DataFrame):
     _, valid, images, _ = split_fold(cfg, data_dir, 3)
     assert list(valid["ID"]) == list(ids["ID"])  # the OOF rows in the order they were written
     return valid, images
+
+
+def test_early_stopping_waits_for_the_second_half_of_the_final_phase(tiny_data, monkeypatch):
+    """Validation that never beats epoch 1 (as on a fold whose first epoch sat near the prior): patience 1 would
+    stop at epoch 2 of 8; the run goes on to epoch 4, half the schedule, then stops and keeps epoch 1's weights."""
+    losses = iter(np.linspace(0.30, 0.40, 8))
+    monkeypatch.setattr(fit, "validate", lambda *a, **k: {"valid_wll": float(next(losses)), "valid_auc_any": 0.5})
+    run_fold(config(tiny_data, "t_early_half", "epochs=8", "early_stopping=1", "num_workers=0"), 0, tiny_data)
+    state = checkpoint("t_early_half", 0)
+    assert state["stopped_early"] and [row["epoch"] for row in state["history"]] == [1, 2, 3, 4]
+    assert checkpoint("t_early_half", 0, "best.pt")["epoch"] == 1
+    assert [fit.may_stop_early(e, 8) for e in range(8)] == [False] * 3 + [True] * 5
+    assert fit.may_stop_early(0, 1) and not fit.may_stop_early(1, 5) and fit.may_stop_early(2, 5)
