@@ -38,11 +38,12 @@ def two_experiments(tmp_path):
     return tmp_path, slow, fast
 
 
-def test_leaderboard_reads_two_experiments_sorted_by_cv(two_experiments):
+def test_leaderboard_reads_two_experiments_grouped_by_folds_then_sorted_by_cv(two_experiments):
     root, slow, fast = two_experiments
     table = leaderboard(root)
-    assert list(table["exp"]) == [fast.exp_name, slow.exp_name]  # 0.22 before the pooled 0.275
-    first, second = table.iloc[0], table.iloc[1]
+    # Two folds before one, although 0.22 < 0.275: CV over other folds does not compare.
+    assert list(table["exp"]) == [slow.exp_name, fast.exp_name]
+    second, first = table.iloc[0], table.iloc[1]
     assert second["cv_wll"] == pytest.approx((0.20 * 100 + 0.30 * 300) / 400)  # pooled by rows, not 0.25
     assert second["cv_auc_any"] == pytest.approx(0.85) and second["folds"] == "2/5" and second["done"] == "0 1"
     assert first["folds"] == "1/5" and first["lgbm_wll"] == pytest.approx(0.18) and pd.isna(first["gru_wll"])
@@ -55,7 +56,7 @@ def test_cli_prints_and_writes_the_table(two_experiments, capsys):
     root, slow, fast = two_experiments
     assert main(["--oof-root", str(root), "--out", str(root / "lb")]) == 0
     out = capsys.readouterr().out
-    assert out.index(fast.exp_name) < out.index(slow.exp_name)
+    assert out.index(slow.exp_name) < out.index(fast.exp_name)
     assert len(pd.read_csv(root / "lb" / "leaderboard.csv")) == 2
     assert slow.exp_name in (root / "lb" / "leaderboard.md").read_text()
 
@@ -67,3 +68,11 @@ def test_bad_inputs_are_one_line_errors(tmp_path):
     (tmp_path / "x" / "fold0_metrics.json").write_text("{not json")
     with pytest.raises(InputError, match=r"fold0_metrics\.json"):
         leaderboard(tmp_path)
+
+
+def test_within_the_same_folds_the_lower_cv_comes_first(two_experiments):
+    root, slow, fast = two_experiments
+    third = load_config(None, ["lr=2e-4"])
+    _fold(root / third.exp_name, 0, wll=0.21, auc_any=0.9, n=100, cfg=third)
+    _fold(root / third.exp_name, 1, wll=0.25, auc_any=0.9, n=300, cfg=third)
+    assert list(leaderboard(root)["exp"]) == [third.exp_name, slow.exp_name, fast.exp_name]
