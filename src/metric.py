@@ -10,11 +10,16 @@ from tqdm import tqdm
 from src.constants import LABEL_WEIGHTS, LABELS, METRIC_CLIP
 
 
-def per_class_log_loss(y_true: np.ndarray, y_prob: np.ndarray, clip: float = METRIC_CLIP) -> np.ndarray:
-    """Mean binary log loss of each label column; y arrays are [N, 6] in LABELS order."""
+def _bce(y_true: np.ndarray, y_prob: np.ndarray, clip: float) -> np.ndarray:
+    """Binary log loss of every cell, probabilities clipped as Kaggle's scorer does."""
     y_true = np.asarray(y_true, dtype=np.float64)
     p = np.clip(np.asarray(y_prob, dtype=np.float64), clip, 1.0 - clip)
-    return -(y_true * np.log(p) + (1.0 - y_true) * np.log1p(-p)).mean(axis=0)
+    return -(y_true * np.log(p) + (1.0 - y_true) * np.log1p(-p))
+
+
+def per_class_log_loss(y_true: np.ndarray, y_prob: np.ndarray, clip: float = METRIC_CLIP) -> np.ndarray:
+    """Mean binary log loss of each label column; y arrays are [N, 6] in LABELS order."""
+    return _bce(y_true, y_prob, clip).mean(axis=0)
 
 
 def weighted_log_loss(y_true: np.ndarray, y_prob: np.ndarray, clip: float = METRIC_CLIP) -> float:
@@ -26,11 +31,8 @@ def weighted_log_loss(y_true: np.ndarray, y_prob: np.ndarray, clip: float = METR
 def per_row_weighted_log_loss(y_true: np.ndarray, y_prob: np.ndarray, clip: float = METRIC_CLIP) -> np.ndarray:
     """Each image's share of the score: Σ_j w_j·BCE_ij / Σ_j w_j, so weighted_log_loss is their mean (bootstraps
     that reweight images need it per image)."""
-    y_true = np.asarray(y_true, dtype=np.float64)
-    p = np.clip(np.asarray(y_prob, dtype=np.float64), clip, 1.0 - clip)
-    bce = -(y_true * np.log(p) + (1.0 - y_true) * np.log1p(-p))
     weights = np.asarray(LABEL_WEIGHTS)
-    return (bce * weights).sum(axis=1) / weights.sum()
+    return (_bce(y_true, y_prob, clip) * weights).sum(axis=1) / weights.sum()
 
 
 def per_class_auc(y_true: np.ndarray, y_prob: np.ndarray) -> dict[str, float]:

@@ -72,7 +72,8 @@ def study_volumes(pred: pd.DataFrame, meta: pd.DataFrame, true: pd.DataFrame | N
 
 
 def _spearman(pred: np.ndarray, true: np.ndarray) -> float:
-    """Spearman's rho (Pearson on average ranks); NaN when either side is constant."""
+    """Spearman's rho (Pearson on average ranks); NaN when either side is constant, as when a resample repeats one
+    study. Written out because pandas' and scipy's versions warn on every such resample."""
     a, b = pd.Series(pred).rank().to_numpy(), pd.Series(true).rank().to_numpy()
     if a.std() == 0 or b.std() == 0:
         return float("nan")
@@ -95,7 +96,7 @@ def bootstrap_volume_ci(pos: pd.DataFrame, n_boot: int = VOLUME_N_BOOT, seed: in
         mdape.append(np.median(ape[pick]))
         rho.append(_spearman(pred[pick], true[pick]))
     rho = np.asarray(rho)
-    rho = rho[np.isfinite(rho)]  # a resample of one repeated study has no ranking
+    rho = rho[np.isfinite(rho)]
     out = {"mdape_ci95": [float(x) for x in np.percentile(mdape, [2.5, 97.5])], "ci_n_boot": n_boot}
     if len(rho):
         out["spearman_ci95"] = [float(x) for x in np.percentile(rho, [2.5, 97.5])]

@@ -31,6 +31,7 @@ from src.paths import OOF_DIR, resolve_data_dir
 from src.predictions import load_valid_predictions
 
 ANY = "any"
+ANY_COL = LABELS.index(ANY)
 METRICS = ("weighted_log_loss", "slice_auc_any", "study_auc_any")
 LOWER_IS_BETTER = {"weighted_log_loss": True, "slice_auc_any": False, "study_auc_any": False}
 
@@ -57,19 +58,19 @@ def bootstrap_scores(frame: pd.DataFrame, names: list[str], n_boot: int, seed: i
     y = frame[list(LABELS)].to_numpy(dtype=np.float64)
     images_per_study = np.bincount(codes, minlength=n_studies).astype(np.float64)
     study_y = np.zeros(n_studies)
-    np.maximum.at(study_y, codes, y[:, LABELS.index(ANY)])
+    np.maximum.at(study_y, codes, y[:, ANY_COL])
     out = {}
     for name in names:
         p = frame[[f"{name}:{c}" for c in LABELS]].to_numpy(dtype=np.float64)
         loss_per_study = np.bincount(codes, per_row_weighted_log_loss(y, p), minlength=n_studies)
-        p_any = p[:, LABELS.index(ANY)]
+        p_any = p[:, ANY_COL]
         study_p = np.full(n_studies, -np.inf)
         np.maximum.at(study_p, codes, p_any)
         out[name] = {
             "weighted_log_loss": (float(loss_per_study.sum() / images_per_study.sum()),
                                   (counts @ loss_per_study) / (counts @ images_per_study)),
-            "slice_auc_any": (float(auc_from_ranks(y[:, LABELS.index(ANY)], p_any)[0]),
-                              group_weighted_aucs(y[:, LABELS.index(ANY)], p_any, codes, counts)),
+            "slice_auc_any": (float(auc_from_ranks(y[:, ANY_COL], p_any)[0]),
+                              group_weighted_aucs(y[:, ANY_COL], p_any, codes, counts)),
             "study_auc_any": (float(auc_from_ranks(study_y, study_p)[0]), auc_from_ranks(study_y, study_p, counts)),
         }
     return out

@@ -60,14 +60,15 @@ def plot_volume_scatter(table: pd.DataFrame, path: Path, title: str = "") -> Pat
 
 def summary_line(summary: dict) -> str:
     """'MdAPE 48% [24–89], Spearman 0.81 [0.35–0.99] over 11 positive studies' (bootstrap 95% intervals)."""
-    def figure(name: str, key: str, fmt: str, unit: str = "") -> str:
-        value, ci = summary.get(key), summary.get(key.replace("_percent", "").replace("_positive", "") + "_ci95")
+    def figure(name: str, key: str, ci_key: str, fmt: str, unit: str = "") -> str:
+        value, ci = summary.get(key), summary.get(ci_key)
         if value is None:
             return f"{name} n/a"
         interval = f" [{ci[0]:{fmt}}–{ci[1]:{fmt}}]" if ci else ""
         return f"{name} {value:{fmt}}{unit}{interval}"
 
-    return (f"{figure('MdAPE', 'mdape_percent', '.0f', '%')}, {figure('Spearman', 'spearman_positive', '.2f')} "
+    return (f"{figure('MdAPE', 'mdape_percent', 'mdape_ci95', '.0f', '%')}, "
+            f"{figure('Spearman', 'spearman_positive', 'spearman_ci95', '.2f')} "
             f"over {summary.get('n_positive_studies', 0)} positive studies (95% bootstrap intervals)")
 
 
@@ -93,10 +94,9 @@ def run_volumes(pred: Path, data_dir: Path | None = None) -> dict:
     if true is not None:
         title = f"{pred.parent.name}/{pred.name}" if tag else pred.name
         plot_volume_scatter(vols, out_dir / f"volume_scatter{tag}.png", f"{title}\n{summary_line(summary)}")
+        print(summary_line(summary))
     else:
         print(f"note: {true_csv} not found; no true volumes, no error or scatter plot")
-    if true is not None:
-        print(summary_line(summary))
     print(", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))
     print(f"wrote {out_dir}")
     return summary
