@@ -131,8 +131,10 @@ def run_recipe(recipe: Recipe, data_dir: Path, extra: tuple[str, ...], results_d
     out_dir = OOF_DIR / cfg.exp_name
     if saved.exists() and (out_dir / "fold0_metrics.json").exists():
         row = {**json.loads(saved.read_text()), **row}
-        if "volume_mdape_ci95" not in row and (columns := volume_columns(cfg, out_dir, data_dir)):
-            row.update(columns)  # a row saved before the intervals existed: add them from its predictions
+        # The volume columns are re-read from the predictions every time (a second or two): predictions written
+        # again (e.g. the weak mode's calibrated volume cutoff) or new interval columns reach the table.
+        if (columns := volume_columns(cfg, out_dir, data_dir)) and any(row.get(k) != v for k, v in columns.items()):
+            row.update(columns)
             write_json(row, saved)
         return row
     if (out_dir / "fold0_metrics.json").exists():

@@ -24,6 +24,9 @@ RESUME_SAFE_KEYS = {"num_workers", "tta_flip", "log_every", "compile", "seeds", 
                     "cache_format", *AFTER_TRAINING_SECTIONS}
 
 
+VOLUME_CUTOFF_KEY = "volume_cutoff"  # a weak-mode checkpoint's calibrated volume cutoff (src/cnn/volume_cutoff.py)
+
+
 def save_checkpoint(path: Path, model: nn.Module, cfg: Config, epoch: int, optimizer=None, **extra: Any) -> None:
     state = {"model": model.state_dict(), "config": dataclasses.asdict(cfg), "epoch": epoch, **extra}
     if optimizer is not None:
@@ -50,14 +53,28 @@ def load_checkpoint(path: Path, cfg: Config) -> dict[str, Any] | None:
     return state
 
 
-def deployed_weights(path: Path) -> dict[str, Any]:
-    """The weights a run predicts with: best.pt holds the validated ones (the EMA copy when `ema` is on); a last.pt
-    (a run without validation that stopped before saving best.pt) holds the EMA copy beside the raw weights."""
+def read_checkpoint(path: Path) -> dict[str, Any]:
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as err:  # a checkpoint torch cannot read is a user-facing problem, not a traceback
         raise InputError(f"{path}: cannot read checkpoint ({err}); delete it to train the fold again") from err
+
+
+def deployed_weights(state: dict[str, Any]) -> dict[str, Any]:
+    """The weights a run predicts with: best.pt holds the validated ones (the EMA copy when `ema` is on); a last.pt
+    (a run without validation that stopped before saving best.pt) holds the EMA copy beside the raw weights."""
     return state.get("ema") or state["model"]
+
+
+def deploy(model: nn.Module, state: dict[str, Any]) -> nn.Module:
+    """Load a checkpoint's deployed weights and, for BloodNet, the pixel cutoff of its reported volume (the weak
+    mode's calibrated one, src/cnn/volume_cutoff.py; 0.5 for checkpoints that have none)."""
+    from src.cnn.model import MASK_CUTOFF
+
+    model.load_state_dict(deployed_weights(state))
+    if hasattr(model, "volume_cutoff"):
+        model.volume_cutoff = float(state.get(VOLUME_CUTOFF_KEY, MASK_CUTOFF))
+    return model
 
 
 def config_from_dict(values: dict) -> Config:
@@ -99,7 +116,7 @@ def load_model(checkpoint_path: str | os.PathLike) -> tuple[nn.Module, Config]:
     # The weights come from the checkpoint: never re-read the pretrained file (it may be gone on this machine).
     model = build_model(dataclasses.replace(cfg, pretrained_path=""))
     try:
-        model.load_state_dict(state["model"])
+        deploy(model, state)
     except RuntimeError as err:
         raise InputError(f"{path}: weights do not fit {cfg.arch}/{cfg.backbone} ({str(err).splitlines()[0]})") from err
     return model.eval(), cfg

@@ -14,7 +14,8 @@ from src.errors import InputError
 
 # log1p(mm³ / VOLUME_SCALE) keeps the volume feature O(1): a large bleed is ~10⁴–10⁵ mm³ per slice.
 VOLUME_SCALE_MM3 = 100.0
-MASK_CUTOFF = 0.5  # pixel probability counted as blood in the reported volume and drawn in overlays
+MASK_CUTOFF = 0.5  # pixel probability counted as blood in the reported volume and drawn in overlays (the weak mode
+# calibrates its own per model, never lower: src/cnn/volume_cutoff.py)
 
 
 def create_timm(cfg: Config, **kwargs) -> nn.Module:
@@ -103,6 +104,7 @@ class SegClassifier(nn.Module):
         self.seg_head = nn.Conv2d(in_channels, 1, kernel_size=1)
         self.dropout = nn.Dropout(cfg.drop_rate)
         self.head = nn.Linear(channels[-1] + int(self.use_volume), len(LABELS))
+        self.volume_cutoff = MASK_CUTOFF  # a checkpoint's calibrated value replaces it (checkpoints.deploy)
 
     def head_parameters(self) -> list[nn.Parameter]:
         return list(self.head.parameters())
@@ -120,10 +122,10 @@ class SegClassifier(nn.Module):
         if voxel_mm3 is not None:
             prob = torch.sigmoid(seg_logits.float())
             # The head's feature is the paper's soft sum of probabilities (differentiable). The reported volume
-            # counts pixels at p >= 0.5: a faint background of p ~ 0.03 over a whole slice would otherwise add
-            # ~10 mL to every slice, blood or not.
+            # counts pixels at p >= volume_cutoff: a faint background of p ~ 0.03 over a whole slice would otherwise
+            # add ~10 mL to every slice, blood or not.
             out["volume_mm3"] = prob.sum(dim=(1, 2, 3)) * voxel_mm3.float()
-            out["mask_volume_mm3"] = (prob >= MASK_CUTOFF).sum(dim=(1, 2, 3)).float() * voxel_mm3.float()
+            out["mask_volume_mm3"] = (prob >= self.volume_cutoff).sum(dim=(1, 2, 3)).float() * voxel_mm3.float()
         head_input = self.dropout(embedding)
         if self.use_volume:
             if voxel_mm3 is None:

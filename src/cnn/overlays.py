@@ -79,7 +79,7 @@ def fold_dice(model: nn.Module, cfg: Config, valid: pd.DataFrame, images: np.nda
     rows = valid[valid[STUDY].isin(studies)].reset_index(drop=True)
     painted = (rows["mask_row"] >= 0).to_numpy()
     seg = predict_study(model, cfg, rows, images, masks, device)["seg"][painted]
-    dice = slice_dice(seg, np.stack([masks[r] for r in rows.loc[painted, "mask_row"]]))
+    dice = slice_dice(seg, np.stack([masks[r] for r in rows.loc[painted, "mask_row"]]), model.volume_cutoff)
     return {"n_slices": len(dice), "mean_dice": float(dice.mean()), "median_dice": float(np.median(dice))}
 
 
@@ -143,7 +143,7 @@ def run_overlays(exp: str, fold: int, data_dir: Path | None = None, n_studies: i
     oof_path = exp_dir(exp) / f"fold{fold}_valid.csv"
     oof = pd.read_csv(oof_path, dtype={ID_COL: str}) if oof_path.exists() else None
     dice = fold_dice(model, cfg, valid, images, masks, device)
-    write_json({"exp": exp, "fold": fold, "cutoff": MASK_CUTOFF, **dice},
+    write_json({"exp": exp, "fold": fold, "cutoff": model.volume_cutoff, **dice},
                exp_dir(exp) / "bloodnet" / f"dice_fold{fold}.json")
     print(f"Dice on {dice['n_slices']} painted validation slices: mean {dice['mean_dice']}, "
           f"median {dice['median_dice']}")

@@ -19,13 +19,14 @@ import torch.distributed as dist
 from torch import nn
 
 from src import predictions
-from src.cnn.checkpoints import deployed_weights
+from src.cnn.checkpoints import deploy, read_checkpoint
 from src.cnn.distributed import barrier, predict_sharded, setup_distributed, shard_loader
 from src.cnn.fit import Progress, SeedRun, train_epochs
 from src.cnn.model import build_model
 from src.cnn.runtime import Runtime
 from src.cnn.sampling import seed_all
 from src.cnn.schedule import phases_for
+from src.cnn.volume_cutoff import calibrate_checkpoint, known_empty_sample
 from src.config import Config, load_config
 from src.constants import FOLD_COL, ID_COL
 from src.data.cache import load_cache
@@ -91,11 +92,17 @@ def predict_outputs(model: nn.Module, cfg: Config, rt: Runtime, data_dir: Path, 
     """Predictions of each seed's best checkpoint, averaged over seeds: OOF for the held-out fold, test, and
     embeddings for the stacker."""
     chosen = [r.model_dir / "best.pt" if (r.model_dir / "best.pt").exists() else r.model_dir / "last.pt" for r in runs]
+    if cfg.arch != "classifier" and cfg.masks == "none" and rt.rank == 0:  # once, written into each checkpoint
+        empty = SliceDataset(known_empty_sample(train_meta), images, cfg.context)
+        for path in chosen:
+            calibrate_checkpoint(path, model, empty, rt.device, cfg.tta_flip, batch_size=cfg.batch_size * 2,
+                                 amp_dtype=rt.amp_dtype, channels_last=rt.channels_last)
+    barrier(rt.world)
 
     def predict(ds, tta: bool, desc: str) -> dict[str, np.ndarray]:
         loader, outs = shard_loader(ds, cfg, rt.rank, rt.world), []
         for path in chosen:
-            model.load_state_dict(deployed_weights(path))
+            deploy(model, read_checkpoint(path))
             outs.append(predict_sharded(model, loader, rt, tta, f"{desc} {path.parent.name}"))
         return mean_of_seeds(outs)
 

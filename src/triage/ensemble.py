@@ -6,11 +6,13 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
 from src import paths
 from src.cnn.checkpoints import load_model
+from src.cnn.model import MASK_CUTOFF
 from src.config import Config, TriageConfig
 from src.constants import LABELS
 from src.errors import InputError
@@ -42,6 +44,12 @@ class Ensemble:
 
     def __post_init__(self) -> None:
         self.has_seg = self.cfg.arch != "classifier"
+
+    @property
+    def seg_cutoff(self) -> float:
+        """The pixel probability drawn as blood on the mean map: the mean of the models' volume cutoffs (0.5 with
+        painted masks; the weak mode calibrates one per model, src/cnn/volume_cutoff.py)."""
+        return float(np.mean([getattr(m, "volume_cutoff", MASK_CUTOFF) for m in self.models]))
 
     def fold_of(self, k: int) -> int | None:
         return checkpoint_fold(self.checkpoints[k])

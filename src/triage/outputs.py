@@ -19,7 +19,6 @@ if TYPE_CHECKING:
     from src.triage.ensemble import Ensemble
 
 OVERLAY_MIN_PX = 256  # overlays are drawn at least this large (models often run at 128 px)
-SEG_CUTOFF = MASK_CUTOFF  # the pixel probability counted as blood, drawn in the overlays
 SLICE_COLUMNS = [STUDY, SERIES, ID_COL, SLICE_INDEX, "position", *LABELS, VOLUME_COL, "path"]
 SUBDURAL = [name for name, _, _ in WINDOWS].index("subdural")
 # A volume is called a measurement only when held-out studies put its median error at or under this.
@@ -47,14 +46,15 @@ def volume_caveat(ens: Ensemble) -> str | None:
     return f"relative only: {measured}"
 
 
-def overlay_png(image: np.ndarray, seg: np.ndarray | None) -> bytes:
-    """PNG of the subdural window (channel of image [3, S, S]) with predicted blood (p >= SEG_CUTOFF) in red."""
+def overlay_png(image: np.ndarray, seg: np.ndarray | None, cutoff: float = MASK_CUTOFF) -> bytes:
+    """PNG of the subdural window (channel of image [3, S, S]) with predicted blood (p >= cutoff, the one the
+    volume counts) in red."""
     gray = image[SUBDURAL].astype(np.float32)
     rgb = np.repeat(gray[..., None], 3, axis=2)
     if seg is not None:
-        blood = (seg >= SEG_CUTOFF)[..., None]
+        blood = (seg >= cutoff)[..., None]
         rgb = np.where(blood, 0.45 * rgb + 0.55 * np.array([255.0, 30.0, 30.0]), rgb)  # RGB order
-        contours, _ = cv2.findContours((seg >= SEG_CUTOFF).astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
+        contours, _ = cv2.findContours((seg >= cutoff).astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_NONE)
     bgr = np.ascontiguousarray(rgb[..., ::-1]).clip(0, 255).astype(np.uint8)
     if seg is not None and contours:
         cv2.drawContours(bgr, contours, -1, (0, 255, 255), 1)

@@ -115,7 +115,7 @@ def predict_study(ens: Ensemble, slices: pd.DataFrame, images: np.ndarray, preci
     overlays = [{"ID": slices[ID_COL].iloc[i], "series": slices[SERIES].iloc[i],
                  SLICE_INDEX: int(slices[SLICE_INDEX].iloc[i]), "any": float(p[i, any_j]),
                  "volume_mm3": None if out["volume_mm3"] is None else float(out["volume_mm3"][i]),
-                 "png": overlay_png(images[i], None if out["seg"] is None else out["seg"][i])}
+                 "png": overlay_png(images[i], None if out["seg"] is None else out["seg"][i], ens.seg_cutoff)}
                 for i in sorted(flagged, key=lambda i: (slices[SERIES].iloc[i], slices[SLICE_INDEX].iloc[i]))]
     volume_ml = None if out["volume_mm3"] is None else slab_total_mm3(out["volume_mm3"], slices) / MM3_PER_ML
     return {
