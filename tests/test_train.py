@@ -118,3 +118,32 @@ def test_lr_schedule_warmup_then_cosine():
     lrs = [lr_at(s, 100, 10, 1.0) for s in range(100)]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
     assert all(a >= b for a, b in itertools.pairwise(lrs[10:])) and lrs[-1] < 0.02
+
+
+def test_checkpoint_from_before_a_new_key_still_resumes(tmp_path):
+    """A key added to the code after a checkpoint was saved counts as its default (as in the experiment name), so
+    the run still resumes and re-predicts; a real change, nested ones included, is still refused by name."""
+    import dataclasses
+
+    import torch
+
+    from src.cnn.checkpoints import load_checkpoint, save_checkpoint
+    from src.errors import InputError
+
+    cfg = load_config(None, ["arch=classifier"])
+    path = tmp_path / "last.pt"
+    save_checkpoint(path, torch.nn.Linear(2, 2), cfg, epoch=1)
+    state = torch.load(path, weights_only=False)
+    old = dataclasses.asdict(cfg)
+    del old["seg_hard_negatives"], old["aug"][next(iter(old["aug"]))]  # saved before these keys existed
+    torch.save({**state, "config": old}, path)
+    assert load_checkpoint(path, cfg)["epoch"] == 1
+    changed = load_config(None, ["arch=classifier", "seg_hard_negatives=0.5"])
+    with pytest.raises(InputError, match=r"other settings \(seg_hard_negatives\)"):
+        load_checkpoint(path, changed)
+    aug_key = next(iter(old["aug"]))  # a key the old checkpoint still has
+    value = old["aug"][aug_key]
+    other = (not value) if isinstance(value, bool) else value * 2 + 1
+    changed = load_config(None, ["arch=classifier", f"aug.{aug_key}={other}"])
+    with pytest.raises(InputError, match=r"other settings \(aug\)"):
+        load_checkpoint(path, changed)

@@ -14,6 +14,7 @@ from torch import nn
 from src.atomic import atomic_path
 from src.config import AFTER_TRAINING_SECTIONS, Config
 from src.errors import InputError
+from src.naming import flatten
 
 # Keys that may change between a kill and a resume without invalidating the checkpoint.
 # `seeds` may grow: the seeds already trained are kept and the new ones train beside them. data_dir: the same data
@@ -43,8 +44,12 @@ def load_checkpoint(path: Path, cfg: Config) -> dict[str, Any] | None:
         state = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as err:  # a checkpoint torch cannot read is a user-facing problem, not a traceback
         raise InputError(f"{path}: cannot read checkpoint ({err}); delete it to start the fold again") from err
-    now, then = dataclasses.asdict(cfg), state.get("config", {})
-    changed = sorted(k for k in now if k not in RESUME_SAFE_KEYS and now[k] != then.get(k))
+    # Compared key by key (dotted for the nested sections); a key the checkpoint's config lacks was added to the
+    # code after it was saved and counts as its default, as in the experiment name (src/naming.py).
+    now, then = flatten(dataclasses.asdict(cfg)), flatten(state.get("config", {}))
+    defaults = flatten(dataclasses.asdict(Config()))
+    changed = sorted({k.split(".")[0] for k in now
+                      if k.split(".")[0] not in RESUME_SAFE_KEYS and now[k] != then.get(k, defaults.get(k))})
     if changed:
         raise InputError(
             f"{path}: checkpoint was trained with other settings ({', '.join(changed)}); "
