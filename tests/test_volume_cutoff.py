@@ -18,7 +18,6 @@ from src.cnn.train import run_fold, split_fold
 from src.config import load_config
 from src.constants import LABELS, VOLUME_COL
 from src.data.dataset import SliceDataset
-from src.errors import InputError
 from src.predictions import exp_dir
 
 S = 16
@@ -77,14 +76,13 @@ def test_calibrate_raises_the_cutoff_above_false_blood_on_empty_slices(tta):
     assert vc.calibrate(_BrightIsBlood(), ds, torch.device("cpu"), tta_flip=tta, share=0.05) == MASK_CUTOFF
 
 
-def test_known_empty_sample_draws_only_negatives_and_refuses_none():
+def test_known_empty_sample_draws_only_negatives():
     meta, _ = _empty_slices(10, 0, 0)
     meta.loc[:3, "any"] = 1
     sample = vc.known_empty_sample(meta, n=4, seed=1)
     assert len(sample) == 4 and (sample["any"] == 0).all() and sample["ID"].is_unique
     assert len(vc.known_empty_sample(meta, n=100)) == 6
-    with pytest.raises(InputError, match="no training slice is labelled empty"):
-        vc.known_empty_sample(meta.assign(any=1))
+    assert vc.known_empty_sample(meta.assign(any=1)).empty
 
 
 def test_weak_mode_writes_its_cutoff_into_the_checkpoint_and_predicts_with_it(tiny_data):
@@ -114,3 +112,20 @@ def test_weak_mode_writes_its_cutoff_into_the_checkpoint_and_predicts_with_it(ti
             np.testing.assert_allclose(oof[VOLUME_COL].to_numpy(), expected, rtol=1e-4, atol=1e-3)
     assert cutoffs["full"] is None
     assert MASK_CUTOFF < cutoffs["none"] < 1.0  # this barely trained map calls 0.01% of empty pixels p > 0.51
+
+
+def test_weak_mode_without_empty_training_slices_keeps_its_model_and_says_so(tiny_data, monkeypatch, capsys):
+    """Labels that name no empty slice: the run still writes its predictions; the cutoff stays 0.5, with a warning."""
+    from src import paths
+
+    monkeypatch.setattr("src.cnn.train.known_empty_sample", lambda meta: meta.iloc[:0])
+    cfg = load_config(None, ["arch=bloodnet", "backbone=resnet10t", "image_size=64", "batch_size=16",
+                             "num_workers=0", "context=0", "tta_flip=false", "limit_train_batches=1", "seg_epochs=1",
+                             "head_epochs=0", "joint_epochs=1", "masks=none", "exp=t_cutoff_noempty"])
+    cfg.data_dir = str(tiny_data)
+    run_fold(cfg, 0, tiny_data)
+    assert "volume cutoff cannot be calibrated and stays 0.5" in capsys.readouterr().out
+    best = paths.WORK / "models" / "t_cutoff_noempty" / "fold0" / "best.pt"
+    assert VOLUME_CUTOFF_KEY not in read_checkpoint(best)
+    assert load_model(best)[0].volume_cutoff == MASK_CUTOFF
+    assert (exp_dir("t_cutoff_noempty") / "fold0_valid.csv").exists()

@@ -93,10 +93,14 @@ def predict_outputs(model: nn.Module, cfg: Config, rt: Runtime, data_dir: Path, 
     embeddings for the stacker."""
     chosen = [r.model_dir / "best.pt" if (r.model_dir / "best.pt").exists() else r.model_dir / "last.pt" for r in runs]
     if cfg.arch != "classifier" and cfg.masks == "none" and rt.rank == 0:  # once, written into each checkpoint
-        empty = SliceDataset(known_empty_sample(train_meta), images, cfg.context)
-        for path in chosen:
-            calibrate_checkpoint(path, model, empty, rt.device, cfg.tta_flip, batch_size=cfg.batch_size * 2,
-                                 amp_dtype=rt.amp_dtype, channels_last=rt.channels_last)
+        empty = known_empty_sample(train_meta)
+        if empty.empty:  # the trained model is kept either way; only its volume goes uncalibrated
+            print("[train] warning: no training slice is labelled empty (any = 0): the volume cutoff cannot be "
+                  "calibrated and stays 0.5", flush=True)
+        for path in chosen if len(empty) else []:
+            calibrate_checkpoint(path, model, SliceDataset(empty, images, cfg.context), rt.device, cfg.tta_flip,
+                                 batch_size=cfg.batch_size * 2, amp_dtype=rt.amp_dtype,
+                                 channels_last=rt.channels_last)
     barrier(rt.world)
 
     def predict(ds, tta: bool, desc: str) -> dict[str, np.ndarray]:
