@@ -129,3 +129,26 @@ def test_weak_mode_without_empty_training_slices_keeps_its_model_and_says_so(tin
     assert VOLUME_CUTOFF_KEY not in read_checkpoint(best)
     assert load_model(best)[0].volume_cutoff == MASK_CUTOFF
     assert (exp_dir("t_cutoff_noempty") / "fold0_valid.csv").exists()
+
+
+def test_triage_overlay_draws_blood_at_the_models_cutoff():
+    """Triage draws the mean map at the mean of its models' cutoffs: a pixel at p = 0.7 is red under 0.5, not 0.8."""
+    import cv2
+
+    from src.triage.ensemble import Ensemble
+    from src.triage.outputs import overlay_png
+
+    cfg = load_config(None, ["arch=bloodnet"])
+    models = [_BrightIsBlood(), _BrightIsBlood()]
+    models[0].volume_cutoff, models[1].volume_cutoff = 0.7, 0.9
+    ens = Ensemble("e", cfg, models, [], {}, "none")
+    assert ens.seg_cutoff == pytest.approx(0.8)
+    image = np.full((3, S, S), 100, np.uint8)
+    seg = np.zeros((S, S), np.float32)
+    seg[4:8, 4:8] = 0.7
+
+    def red_pixels(cutoff: float) -> int:
+        bgr = cv2.imdecode(np.frombuffer(overlay_png(image, seg, cutoff), np.uint8), cv2.IMREAD_COLOR).astype(int)
+        return int(((bgr[..., 2] - bgr[..., 1]) > 60).sum())
+
+    assert red_pixels(MASK_CUTOFF) > 0 and red_pixels(ens.seg_cutoff) == 0
