@@ -21,6 +21,7 @@ from src.cnn.checkpoints import load_checkpoint, save_checkpoint
 from src.cnn.distributed import barrier, loader_for, shard_loader
 from src.cnn.history import write_epochs
 from src.cnn.loop import make_optimizer, train_one_epoch, validate
+from src.cnn.pseudo_masks import PSEUDO_MASKS_FILE, apply_pseudo_masks, compute_pseudo_masks
 from src.cnn.runtime import Runtime, make_ema, wrap_model
 from src.cnn.sampling import EpochSampler, SeededItems, balanced_subset, hard_negative_weights, seed_epoch
 from src.cnn.schedule import Phase, phase_at
@@ -100,6 +101,15 @@ def segment_subset(train_ds, cfg: Config, phases: list[Phase], seed: int) -> Cal
     return lambda epoch: balanced_subset(positive, negative, seed, epoch, weight) if epoch in segment_epochs else None
 
 
+def refine_epoch(cfg: Config, phases: list[Phase]) -> int | None:
+    """The epoch (0-based) from which `weak_refine` trains on pseudo-masks: the first after the segment-only ones.
+    None when off, with painted masks, or with no segment-only epochs to learn the map from first."""
+    if not cfg.weak_refine or cfg.arch == "classifier" or cfg.masks != "none":
+        return None
+    segment = sum(p.epochs for p in phases if p.seg_lambda >= 1.0)
+    return segment if 0 < segment < sum(p.epochs for p in phases) else None
+
+
 def train_epochs(core: nn.Module, train_ds, valid_ds, cfg: Config, rt: Runtime, phases: list[Phase],
                  progress: Progress, run: SeedRun, out_dir: Path) -> None:
     """Train `core` (the plain network) from progress.start_epoch to the end of the schedule or an early stop."""
@@ -115,6 +125,28 @@ def train_epochs(core: nn.Module, train_ds, valid_ds, cfg: Config, rt: Runtime, 
     sampler = EpochSampler(len(train_ds), run.seed, rt.rank, rt.world, limit=cfg.limit_train_batches * cfg.batch_size,
                            subset=segment_subset(train_ds, cfg, phases, run.seed))
     loader = loader_for(SeededItems(train_ds, run.seed), cfg, cfg.batch_size, sampler, persistent=True)
+    refine_at = refine_epoch(cfg, phases)
+
+    def refine() -> None:
+        """Pseudo-masks on the positives from here on (computed once per seed, then read back); the loader is
+        rebuilt so that its persistent workers see them."""
+        nonlocal loader
+        path = run.model_dir / PSEUDO_MASKS_FILE
+        if rt.rank == 0 and not path.exists():
+            started = time.perf_counter()
+            cutoff = compute_pseudo_masks(ema.module if ema is not None else core, train_ds, rt.device, path,
+                                          cfg.batch_size * 2, rt.amp_dtype, rt.channels_last, run.seed)
+            print(f"[train] weak_refine: pseudo-masks at p >= {cutoff:.4f} in {time.perf_counter() - started:.1f} s "
+                  f"({path})", flush=True)
+        barrier(rt.world)
+        painted = apply_pseudo_masks(train_ds, path)
+        if rt.rank == 0:
+            print(f"[train] weak_refine: {painted} of {painted + int((train_ds.mask_state == -1).sum())} positive "
+                  "slices train the pixel loss on their pseudo-mask", flush=True)
+        loader = loader_for(SeededItems(train_ds, run.seed), cfg, cfg.batch_size, sampler, persistent=True)
+
+    if refine_at is not None and progress.start_epoch >= refine_at:  # resumed past the refinement: same masks
+        refine()
     valid_loader = shard_loader(valid_ds, cfg, rt.rank, rt.world, persistent=True) if valid_ds is not None else None
 
     def optimizer_steps(epoch: int) -> int:
@@ -126,6 +158,8 @@ def train_epochs(core: nn.Module, train_ds, valid_ds, cfg: Config, rt: Runtime, 
     for epoch in range(progress.start_epoch, total_epochs):
         if progress.stopped_early:
             break
+        if epoch == refine_at:
+            refine()
         phase, epoch_in_phase = phase_at(phases, epoch)
         if phase is not current_phase:
             optimizer = make_optimizer(cfg, core, phase.head_only)
