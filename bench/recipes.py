@@ -75,6 +75,8 @@ RECIPES: tuple[Recipe, ...] = (
            ("seg_epochs=8",)),
     Recipe("nomask", "the default without masks (weak: slice labels through the pooled map), as on the real data",
            ("masks=none",)),
+    Recipe("nomask-refine", "nomask, then pseudo-masks from the map itself after the segment epochs",
+           ("masks=none", "weak_refine=true")),
     Recipe("classifier-96px", "plain timm classifier at the default's size and context, 8 epochs (BloodNet's 3 "
            "balanced + 1 + 6 see ~8 epochs of images)", ("arch=classifier", "epochs=8")),
     Recipe("classifier-96px-seed1", "classifier-96px again with seed 1", ("arch=classifier", "epochs=8", "seed=1")),
