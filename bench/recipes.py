@@ -77,6 +77,8 @@ RECIPES: tuple[Recipe, ...] = (
            ("masks=none",)),
     Recipe("nomask-refine", "nomask, then pseudo-masks from the map itself after the segment epochs",
            ("masks=none", "weak_refine=true")),
+    Recipe("nomask-r4", "nomask with sharper pooling of the map (log-sum-exp r = 4, nearer max pooling)",
+           ("masks=none", "weak_pool_r=4")),
     Recipe("classifier-96px", "plain timm classifier at the default's size and context, 8 epochs (BloodNet's 3 "
            "balanced + 1 + 6 see ~8 epochs of images)", ("arch=classifier", "epochs=8")),
     Recipe("classifier-96px-seed1", "classifier-96px again with seed 1", ("arch=classifier", "epochs=8", "seed=1")),

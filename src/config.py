@@ -115,7 +115,8 @@ class Config:
     seg_loss: str = "bce_dice"  # bce | bce_dice | bce_batch_dice (+ soft Dice per slice, or over the batch)
     weak_pool_r: float = 2.0  # masks=none: log-sum-exp pooling sharpness (large = max, small = mean)
     # masks=none: after the segment-only epochs, positives also train the pixel loss on pseudo-masks (their own map at
-    # the cutoff calibrated on known-empty slices; src/cnn/pseudo_masks.py)
+    # the cutoff calibrated on known-empty slices; src/cnn/pseudo_masks.py). Off: over five folds it cost slice AUC
+    # (0.856 -> 0.842) and did not move the volume ranking (README, BloodNet section)
     weak_refine: bool = False
     seg_balance: bool = True  # segment-only epochs draw every slice with blood and as many empty ones (~2/5 the cost)
     hu_prior: bool = False  # gate the blood map by a soft acute-blood Hounsfield range (constants.BLOOD_HU)
