@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from src.atomic import atomic_path
+from src.cnn.model import MASK_CUTOFF
 from src.cnn.predict import to_input
 from src.cnn.volume_cutoff import CALIBRATION_SLICES, calibrate
 from src.data.dataset import SliceDataset
@@ -44,7 +45,7 @@ def compute_pseudo_masks(model: nn.Module, train_ds: SliceDataset, device: torch
     empty = np.flatnonzero(train_ds.mask_state == EMPTY)
     picked = np.sort(np.random.default_rng(seed).choice(len(empty), min(CALIBRATION_SLICES, len(empty)), False))
     cutoff = calibrate(model, Subset(plain, empty[picked]), device, tta_flip=False, batch_size=batch_size,
-                       amp_dtype=amp_dtype, channels_last=channels_last) if len(empty) else 0.5
+                       amp_dtype=amp_dtype, channels_last=channels_last) if len(empty) else MASK_CUTOFF
     positives = np.flatnonzero(train_ds.mask_state == UNKNOWN)
     size = train_ds.images.shape[-1]
     model.eval()
