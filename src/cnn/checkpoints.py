@@ -40,10 +40,7 @@ def load_checkpoint(path: Path, cfg: Config) -> dict[str, Any] | None:
     """The last checkpoint of this run, or None; refuses one trained under a different config."""
     if not path.exists():
         return None
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # a checkpoint torch cannot read is a user-facing problem, not a traceback
-        raise InputError(f"{path}: cannot read checkpoint ({err}); delete it to start the fold again") from err
+    state = read_checkpoint(path)
     # Compared key by key (dotted for the nested sections); a key the checkpoint's config lacks was added to the
     # code after it was saved and counts as its default, as in the experiment name (src/naming.py).
     now, then = flatten(dataclasses.asdict(cfg)), flatten(state.get("config", {}))
@@ -58,11 +55,11 @@ def load_checkpoint(path: Path, cfg: Config) -> dict[str, Any] | None:
     return state
 
 
-def read_checkpoint(path: Path) -> dict[str, Any]:
+def read_checkpoint(path: Path, advice: str = "; delete it to train the fold again") -> dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # a checkpoint torch cannot read is a user-facing problem, not a traceback
-        raise InputError(f"{path}: cannot read checkpoint ({err}); delete it to train the fold again") from err
+    except Exception as err:  # a truncated or foreign file is a user-facing problem, not a traceback
+        raise InputError(f"{path}: cannot read checkpoint ({err}){advice}") from err
 
 
 def deployed_weights(state: dict[str, Any]) -> dict[str, Any]:
@@ -111,10 +108,7 @@ def load_model(checkpoint_path: str | os.PathLike) -> tuple[nn.Module, Config]:
     path = Path(checkpoint_path)
     if not path.exists():
         raise InputError(f"{path}: checkpoint not found")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # a truncated or foreign file is a user-facing problem, not a traceback
-        raise InputError(f"{path}: cannot read checkpoint ({err})") from err
+    state = read_checkpoint(path, advice="")
     if not isinstance(state, dict) or "config" not in state or "model" not in state:
         raise InputError(f"{path}: not a training checkpoint (expects 'config' and 'model' entries)")
     cfg = config_from_dict(state["config"])

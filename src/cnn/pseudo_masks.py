@@ -16,13 +16,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Subset
-from tqdm import tqdm
+from torch.utils.data import Subset
 
 from src.atomic import atomic_path
 from src.cnn.model import MASK_CUTOFF
-from src.cnn.predict import to_input
-from src.cnn.volume_cutoff import CALIBRATION_SLICES, calibrate
+from src.cnn.volume_cutoff import calibrate, calibration_rows, seg_logit_batches
 from src.data.dataset import SliceDataset
 
 PSEUDO_MASKS_FILE = "pseudo_masks.npy"  # uint8 [n positives, S, S] in the seed's model folder
@@ -42,22 +40,17 @@ def compute_pseudo_masks(model: nn.Module, train_ds: SliceDataset, device: torch
     """Write the pseudo-masks of train_ds's unknown (positive, unpainted) slices, in their order, to out_path
     (atomically; a memmap, so RSNA's ~100k positives at 256 px never sit in memory). Returns the cutoff used."""
     plain = unaugmented(train_ds)
-    empty = np.flatnonzero(train_ds.mask_state == EMPTY)
-    picked = np.sort(np.random.default_rng(seed).choice(len(empty), min(CALIBRATION_SLICES, len(empty)), False))
-    cutoff = calibrate(model, Subset(plain, empty[picked]), device, tta_flip=False, batch_size=batch_size,
+    empty = calibration_rows(np.flatnonzero(train_ds.mask_state == EMPTY), seed=seed)
+    cutoff = calibrate(model, Subset(plain, empty), device, tta_flip=False, batch_size=batch_size,
                        amp_dtype=amp_dtype, channels_last=channels_last) if len(empty) else MASK_CUTOFF
     positives = np.flatnonzero(train_ds.mask_state == UNKNOWN)
     size = train_ds.images.shape[-1]
-    model.eval()
     with atomic_path(out_path) as tmp:
         out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(positives), size, size))
         done = 0
-        loader = DataLoader(Subset(plain, positives), batch_size=batch_size)
-        for batch in tqdm(loader, desc="pseudo-masks", leave=False):
-            x = to_input(batch["image"], device, channels_last)
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                logits = model(x, batch["voxel_mm3"].to(device))["seg_logits"]
-            prob = torch.sigmoid(logits.float())[:, 0]
+        for (logits,) in seg_logit_batches(model, Subset(plain, positives), device, batch_size, amp_dtype,
+                                           channels_last, False, "pseudo-masks"):
+            prob = torch.sigmoid(logits)[:, 0]
             out[done : done + len(prob)] = (prob >= cutoff).to(torch.uint8).cpu().numpy()
             done += len(prob)
         out.flush()
@@ -76,6 +69,5 @@ def apply_pseudo_masks(train_ds: SliceDataset, path: Path) -> int:
     train_ds.masks = masks
     train_ds.mask_row = np.full(len(train_ds), -1)
     train_ds.mask_row[positives[painted]] = np.flatnonzero(painted)
-    train_ds.mask_state = train_ds.mask_state.copy()
     train_ds.mask_state[positives[painted]] = 1
     return int(painted.sum())

@@ -11,6 +11,7 @@ needed) show at most FALSE_BLOOD_SHARE of their pixels as blood, and never below
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -31,12 +32,16 @@ LOGIT_RANGE = 30.0  # the histogram spans logits ±30 (p from 1e-13 to 1 - 1e-13
 LOGIT_BINS = 6000  # ... in steps of 0.01
 
 
+def calibration_rows(rows: np.ndarray, n: int = CALIBRATION_SLICES, seed: int = 0) -> np.ndarray:
+    """Up to n of `rows`, drawn without replacement, in their order."""
+    return np.sort(np.random.default_rng(seed).choice(rows, size=min(n, len(rows)), replace=False))
+
+
 def known_empty_sample(train_meta: pd.DataFrame, n: int = CALIBRATION_SLICES, seed: int = 0) -> pd.DataFrame:
-    """Up to n training slices whose labels say they hold no blood (any = 0), drawn without replacement; none when
-    the labels name no empty slice."""
-    empty = train_meta[train_meta["any"] == 0]
-    picked = np.random.default_rng(seed).choice(len(empty), size=min(n, len(empty)), replace=False)
-    return empty.iloc[np.sort(picked)].reset_index(drop=True)
+    """Up to n training slices whose labels say they hold no blood (any = 0); none when the labels name no empty
+    slice."""
+    rows = calibration_rows(np.flatnonzero(train_meta["any"].to_numpy() == 0), n, seed)
+    return train_meta.iloc[rows].reset_index(drop=True)
 
 
 def cutoff_from_histogram(counts: torch.Tensor, share: float = FALSE_BLOOD_SHARE, floor: float = MASK_CUTOFF) -> float:
@@ -56,17 +61,28 @@ def calibrate(model: nn.Module, dataset: SliceDataset, device: torch.device, tta
               share: float = FALSE_BLOOD_SHARE) -> float:
     """The weak mode's volume cutoff from the model's maps of known-empty slices; each flip view counts, as the
     reported volume is the mean of the views' counts."""
-    model.eval()
     counts = torch.zeros(LOGIT_BINS, dtype=torch.float64)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size)
-    for batch in tqdm(loader, desc="volume cutoff", leave=False):
-        x = to_input(batch["image"], device, channels_last)
-        for view in ([x, torch.flip(x, dims=[-1])] if tta_flip else [x]):
-            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                logits = model(view, batch["voxel_mm3"].to(device))["seg_logits"]
-            clipped = logits.float().clamp(-LOGIT_RANGE, LOGIT_RANGE - 1e-6)
+    for views in seg_logit_batches(model, dataset, device, batch_size, amp_dtype, channels_last, tta_flip,
+                                   "volume cutoff"):
+        for logits in views:
+            clipped = logits.clamp(-LOGIT_RANGE, LOGIT_RANGE - 1e-6)
             counts += torch.histc(clipped, LOGIT_BINS, -LOGIT_RANGE, LOGIT_RANGE).double().cpu()
     return cutoff_from_histogram(counts, share)
+
+
+def seg_logit_batches(model: nn.Module, dataset, device: torch.device, batch_size: int,
+                      amp_dtype: torch.dtype | None, channels_last: bool, tta_flip: bool,
+                      desc: str) -> Iterator[list[torch.Tensor]]:
+    """The model's float seg logits [B, 1, S, S] of each batch of `dataset`, in order, one per view (the flipped
+    view's as the model saw it: a histogram or a count does not care). Call under torch.inference_mode()."""
+    model.eval()
+    for batch in tqdm(torch.utils.data.DataLoader(dataset, batch_size=batch_size), desc=desc, leave=False):
+        x = to_input(batch["image"], device, channels_last)
+        views = []
+        for view in ([x, torch.flip(x, dims=[-1])] if tta_flip else [x]):
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                views.append(model(view, batch["voxel_mm3"].to(device))["seg_logits"].float())
+        yield views
 
 
 def calibrate_checkpoint(path: Path, model: nn.Module, dataset: SliceDataset, device: torch.device, tta_flip: bool,
