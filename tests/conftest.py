@@ -1,11 +1,18 @@
 """Shared fixtures. Every output of the pipeline goes to a temp folder ($ICH_OUT), never the repository."""
 
+import atexit
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
 # Must be set before any src module is imported: src.paths reads it once.
-os.environ.setdefault("ICH_OUT", tempfile.mkdtemp(prefix="ich-test-out-"))
+if "ICH_OUT" not in os.environ:
+    # The session's outputs reach ~1.4 GB (caches, checkpoints, reports): a folder left behind per run filled the
+    # disk by tens of GB. Removed when this process exits; a folder the user chose with ICH_OUT is theirs to keep.
+    _session_out, _owner_pid = tempfile.mkdtemp(prefix="ich-test-out-"), os.getpid()
+    os.environ["ICH_OUT"] = _session_out
+    atexit.register(lambda: os.getpid() == _owner_pid and shutil.rmtree(_session_out, ignore_errors=True))
 os.environ.pop("ICH_DATA", None)
 
 import pytest
