@@ -79,6 +79,10 @@ RECIPES: tuple[Recipe, ...] = (
            ("masks=none", "weak_refine=true")),
     Recipe("nomask-r4", "nomask with sharper pooling of the map (log-sum-exp r = 4, nearer max pooling)",
            ("masks=none", "weak_pool_r=4")),
+    Recipe("nomask-joint", "nomask trained classification-first: no segment-only or head-only epochs, 7 joint (the "
+           "same minutes)", ("masks=none", "seg_epochs=0", "head_epochs=0", "joint_epochs=7")),
+    Recipe("fullres", "the default with one more decoder block at the input's size, reading the image",
+           ("seg_full_res=true",)),
     Recipe("classifier-96px", "plain timm classifier at the default's size and context, 8 epochs (BloodNet's 3 "
            "balanced + 1 + 6 see ~8 epochs of images)", ("arch=classifier", "epochs=8")),
     Recipe("classifier-96px-seed1", "classifier-96px again with seed 1", ("arch=classifier", "epochs=8", "seed=1")),

@@ -119,6 +119,9 @@ class Config:
     # (0.856 -> 0.842) and did not move the volume ranking (README, BloodNet section)
     weak_refine: bool = False
     seg_balance: bool = True  # segment-only epochs draw every slice with blood and as many empty ones (~2/5 the cost)
+    # one more decoder block at the input's resolution, with the image itself as its skip: the encoder's finest
+    # features are at 1/2, and a map there, upsampled, cannot separate blood from its surround closer than ~2 px
+    seg_full_res: bool = False
     hu_prior: bool = False  # gate the blood map by a soft acute-blood Hounsfield range (constants.BLOOD_HU)
     # seg_balance's negatives: 0 = uniform; h in (0, 1] = drawn with weight (1 - h)/n + h x (share of the slice's
     # hyperdense pixels, constants.HYPERDENSE_HU): the falx, sinuses, vessels and skull edges the map mistakes for blood

@@ -14,6 +14,7 @@ from src.errors import InputError
 
 # log1p(mm³ / VOLUME_SCALE) keeps the volume feature O(1): a large bleed is ~10⁴–10⁵ mm³ per slice.
 VOLUME_SCALE_MM3 = 100.0
+FULL_RES_CHANNELS = 16  # seg_full_res: the last block runs at the input's size, so it is kept narrow
 MASK_CUTOFF = 0.5  # pixel probability counted as blood in the reported volume and drawn in overlays (the weak mode
 # calibrates its own per model, never lower: src/cnn/volume_cutoff.py)
 
@@ -101,6 +102,9 @@ class SegClassifier(nn.Module):
         for skip_channels, out_channels in zip(channels[:-1][::-1], decoder_channels):
             self.decoder.append(DecoderBlock(in_channels, skip_channels, out_channels))
             in_channels = out_channels
+        if cfg.seg_full_res:  # reads the (normalised) image itself: no encoder feature is at full resolution
+            self.decoder.append(DecoderBlock(in_channels, cfg.in_chans, FULL_RES_CHANNELS))
+            in_channels = FULL_RES_CHANNELS
         self.seg_head = nn.Conv2d(in_channels, 1, kernel_size=1)
         self.dropout = nn.Dropout(cfg.drop_rate)
         self.head = nn.Linear(channels[-1] + int(self.use_volume), len(LABELS))
@@ -112,9 +116,11 @@ class SegClassifier(nn.Module):
     def forward(self, image: torch.Tensor, voxel_mm3: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         features = self.encoder(image)
         x = features[-1]
-        for block, skip in zip(self.decoder, features[:-1][::-1]):
+        for block, skip in zip(self.decoder, [*features[:-1][::-1], image]):
             x = block(x, skip)
-        seg_logits = F.interpolate(self.seg_head(x), size=image.shape[-2:], mode="bilinear", align_corners=False)
+        seg_logits = self.seg_head(x)
+        if seg_logits.shape[-2:] != image.shape[-2:]:
+            seg_logits = F.interpolate(seg_logits, size=image.shape[-2:], mode="bilinear", align_corners=False)
         if self.prior_channel is not None:
             seg_logits = gate_logits(seg_logits, blood_hu_prior(image[:, self.prior_channel : self.prior_channel + 1]))
         embedding = features[-1].mean(dim=(2, 3))
