@@ -9,8 +9,10 @@ weighted log loss and slice AUC(any) from fold0_metrics.json, study AUC(any) fro
 slices; for BloodNet recipes, the study blood volume's median absolute error and Spearman over fold 0's positive
 studies (src.evaluate.volumes). Time (train_min): the sum of the fold's logged epoch times (train + validate), the
 same for a fold trained here or before, outside the bench; wall_min adds the final predictions (the cache for a new
-image size is built first and timed apart). Results are kept per experiment in work/bench/recipes/, so a killed
-run resumes with the next recipe, and a killed fold resumes from its last epoch. A recipe whose key
+image size is built first and timed apart). A fold trained before goes through run_fold again (at once when it is
+finished; predicted again when its predictions came from another select_epoch) and is scored from its files, so a
+row always shows today's predictions; timings are kept per experiment in work/bench/recipes/, so a killed run
+resumes with the next recipe, and a killed fold resumes from its last epoch. A recipe whose key
 this checkout lacks (e.g. `ema` before EMA lands) is listed as skipped.
 `--quick` shrinks every recipe (64 px, two batches, one epoch): a check of the machinery, not a result.
 Writes work/bench/recipes.{json,md}.
@@ -137,17 +139,16 @@ def run_recipe(recipe: Recipe, data_dir: Path, extra: tuple[str, ...], results_d
     row["exp"] = cfg.exp_name
     saved = results_dir / f"{cfg.exp_name}.json"
     out_dir = OOF_DIR / cfg.exp_name
-    if saved.exists() and (out_dir / "fold0_metrics.json").exists():
-        row = {**json.loads(saved.read_text()), **row}
-        # The volume columns are re-read from the predictions every time (a second or two): predictions written
-        # again (e.g. the weak mode's calibrated volume cutoff) or new interval columns reach the table.
-        if (columns := volume_columns(cfg, out_dir, data_dir)) and any(row.get(k) != v for k, v in columns.items()):
-            row.update(columns)
-            write_json(row, saved)
-        return row
-    if (out_dir / "fold0_metrics.json").exists():
-        # Trained before, outside this bench (e.g. by run_fold.sh): its own epoch times, not a near-zero rerun.
-        row.update(status="ran before", train_min=train_minutes(out_dir, [0]))
+    trained = (out_dir / "fold0_metrics.json").exists()
+    if trained:
+        # Trained before (here or outside the bench, e.g. by run_fold.sh): run_fold returns at once for a finished
+        # fold, predicts again one whose predictions came from another select_epoch, and trains on one that early
+        # stopping ended; the scores below are then read from its files every time (seconds).
+        row = {**(json.loads(saved.read_text()) if saved.exists() else {"status": "ran before"}), **row}
+        try:
+            run_fold(cfg, 0, data_dir)
+        except InputError as err:
+            return {**row, "status": f"skipped: {err}"}
     else:
         started = time.perf_counter()
         for split in ("train", "test"):
@@ -158,10 +159,10 @@ def run_recipe(recipe: Recipe, data_dir: Path, extra: tuple[str, ...], results_d
             run_fold(cfg, 0, data_dir)
         except InputError as err:  # e.g. a stale checkpoint under this name: one row lost, not the whole bench
             return {**row, "status": f"skipped: {err}"}
-        # train_min: the logged epoch times, as for a fold trained elsewhere, so a bench killed and resumed mid-fold
-        # still counts every epoch; wall_min adds the final predictions (and is this call's part only).
-        row.update(status="ran", train_min=train_minutes(out_dir, [0]), wall_min=(time.perf_counter() - started) / 60,
-                   cache_min=cache_s / 60)
+        # wall_min adds the final predictions to the epochs (and is this call's part only).
+        row.update(status="ran", wall_min=(time.perf_counter() - started) / 60, cache_min=cache_s / 60)
+    # train_min: the logged epoch times, the same for a fold trained here or elsewhere, or killed and resumed.
+    row["train_min"] = train_minutes(out_dir, [0])
     metrics = json.loads((out_dir / "fold0_metrics.json").read_text())
     valid = pd.read_csv(out_dir / "fold0_valid.csv", dtype={ID_COL: str})
     row.update(fold0_wll=metrics["weighted_log_loss"], auc_any=metrics["auc"]["any"],

@@ -79,9 +79,9 @@ def make_metadata(n: int, rng: np.random.RandomState, prefix: str, labels: bool)
         for name in SUBTYPES:
             has = rng.rand(n_studies) < SUBTYPE_RATE[name] / ANY_RATE
             meta[name] = (inside & has[study]).astype(np.int8)
-        none = inside & (meta[list(SUBTYPES)].sum(1) == 0).to_numpy()
+        none = inside & (meta[list(SUBTYPES)].sum(axis=1) == 0).to_numpy()
         meta.loc[none, "subdural"] = 1  # a positive slice has at least one subtype
-        meta["any"] = meta[list(SUBTYPES)].max(1).astype(np.int8)
+        meta["any"] = meta[list(SUBTYPES)].max(axis=1).astype(np.int8)
         meta["has_mask"] = False
     return meta.sample(frac=1.0, random_state=rng).reset_index(drop=True)  # scan order, not slice order
 

@@ -220,9 +220,10 @@ def prediction_frame(meta: pd.DataFrame, pred: dict[str, np.ndarray], fold: int)
 
 
 def write_predictions(out_dir: Path, tag: str, fold: int, results: dict[str, tuple], cfg: Config,
-                      fold_split: dict | None = None) -> None:
+                      fold_split: dict | None = None, deployed_epochs: Sequence[int] = ()) -> None:
     """fold{K}_valid.csv / _test.csv, their embeddings, metrics and the run record (written last: it marks done).
-    fold_split ({"file", "sha1"} of the folds file used) goes into the record: readers refuse to mix splits."""
+    fold_split ({"file", "sha1"} of the folds file used) goes into the record: readers refuse to mix splits;
+    deployed_epochs: the epoch each seed's predicting weights come from (select_epoch picks it)."""
     for split, (meta, pred) in results.items():
         if split != "train":
             write_csv(prediction_frame(meta, pred, fold), out_dir / f"{tag}_{split}.csv")
@@ -232,11 +233,23 @@ def write_predictions(out_dir: Path, tag: str, fold: int, results: dict[str, tup
     record = run_record(cfg)
     if fold_split:
         record["folds"] = fold_split
+    if deployed_epochs:
+        record["deployed_epochs"] = [int(e) for e in deployed_epochs]
     if "valid" in results:
         meta, pred = results["valid"]
         record["metrics"] = score_table(meta[list(LABELS)].to_numpy(), pred["probs"])
         write_json(record["metrics"], out_dir / f"{tag}_metrics.json")
     write_json(record, out_dir / f"{tag}_run.json")
+
+
+def recorded_select_epoch(out_dir: Path, tag: str) -> str:
+    """The select_epoch a fold's predictions were made with; records from before the key existed chose the epoch on
+    the validation fold ("valid")."""
+    try:
+        record = json.loads((Path(out_dir) / f"{tag}_run.json").read_text())
+    except (OSError, ValueError):
+        return "unknown"  # missing or unreadable: the fold is predicted again
+    return record.get("config", {}).get("select_epoch", "valid")
 
 
 def predictions_complete(out_dir: Path, tag: str, has_valid: bool, splits_with_emb: Sequence[str] = ()) -> bool:

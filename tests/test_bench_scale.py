@@ -25,7 +25,7 @@ def test_generated_metadata_has_the_rsna_shape():
     assert 1.05 < studies_per_patient < 1.3  # RSNA: 21,744 / 18,938 = 1.15
     rates = meta[list(LABELS)].mean()
     assert 0.10 < rates["any"] < 0.19
-    assert (meta["any"] == meta[list(LABELS[:5])].max(1)).all()
+    assert (meta["any"] == meta[list(LABELS[:5])].max(axis=1)).all()
     assert rates["epidural"] < rates["intraventricular"] < rates["subdural"]  # the real order of the mix
     first = meta.sort_values(["StudyInstanceUID", "slice_index"]).groupby("StudyInstanceUID")["position"].diff()
     assert (first.dropna() == 5.0).all()

@@ -9,7 +9,7 @@ import pytest
 
 from src.config import load_config
 from src.errors import InputError
-from src.paths import ROOT
+from src.paths import ROOT, WORK
 
 spec = importlib.util.spec_from_file_location("recipes", ROOT / "bench" / "recipes.py")
 recipes = importlib.util.module_from_spec(spec)
@@ -17,7 +17,7 @@ sys.modules["recipes"] = recipes  # dataclasses look their module up while the c
 spec.loader.exec_module(recipes)
 
 
-def test_quick_run_trains_scores_and_resumes(tiny_data, tmp_path, monkeypatch):
+def test_quick_run_trains_scores_and_resumes(tiny_data, tmp_path):
     out = tmp_path / "bench"
     assert recipes.main(["--quick", "--data", str(tiny_data), "--only", "seg2", "--out", str(out)]) == 0
     (row,) = json.loads((out / "recipes-quick.json").read_text())["rows"]
@@ -29,14 +29,18 @@ def test_quick_run_trains_scores_and_resumes(tiny_data, tmp_path, monkeypatch):
     text = (out / "recipes-quick.md").read_text()
     assert "QUICK MODE" in text and "load average" in text and "| seg2 |" in text
     assert {"volume_mdape_ci95", "volume_spearman_ci95"} <= set(row)  # with their bootstrap intervals
-    # A second call (a killed bench started again) reuses the saved result instead of training again; a row saved
-    # before the intervals existed gains them from its predictions.
+    # A second call (a killed bench started again) trains nothing, and its scores come from the fold's files, not
+    # from the saved row: a row saved before the intervals existed, or with other scores (predictions written
+    # again, e.g. under another select_epoch), shows the predictions as they are.
     saved = out / "recipes-quick" / f"{row['exp']}.json"
-    saved.write_text(json.dumps({k: v for k, v in row.items() if not k.endswith("_ci95")}))
-    monkeypatch.setattr("src.cnn.train.run_fold", lambda *a, **k: pytest.fail("trained again"))
+    saved.write_text(json.dumps({**{k: v for k, v in row.items() if not k.endswith("_ci95")}, "fold0_wll": 9.9}))
+    last_pt = WORK / "models" / row["exp"] / "fold0" / "last.pt"
+    trained_at = last_pt.stat().st_mtime_ns
     assert recipes.main(["--quick", "--data", str(tiny_data), "--only", "seg2", "--out", str(out)]) == 0
     (resumed,) = json.loads((out / "recipes-quick.json").read_text())["rows"]
+    assert last_pt.stat().st_mtime_ns == trained_at
     assert resumed["volume_mdape_ci95"] == row["volume_mdape_ci95"] and "volume_mdape_ci95" in saved.read_text()
+    assert resumed["fold0_wll"] == row["fold0_wll"] and resumed["status"] == "ran"
     # A fold trained outside the bench (run_fold.sh) is scored with its own epoch times, not a near-zero "rerun".
     (out / "recipes-quick" / f"{row['exp']}.json").unlink()
     assert recipes.main(["--quick", "--data", str(tiny_data), "--only", "seg2", "--out", str(out)]) == 0

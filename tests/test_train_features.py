@@ -3,6 +3,8 @@ accumulation included) and `seeds: n` averaged into the fold's predictions."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -16,6 +18,7 @@ from src.cnn.train import run_fold
 from src.config import load_config
 from src.constants import LABELS
 from src.data.dataset import SliceDataset
+from src.errors import InputError
 from src.paths import WORK
 from src.predictions import exp_dir
 
@@ -30,6 +33,10 @@ def config(data_dir, exp, *extra):
     cfg = load_config(None, [*FAST, f"exp={exp}", *extra])
     cfg.data_dir = str(data_dir)
     return cfg
+
+
+def read_json(path):
+    return json.loads(path.read_text())
 
 
 def checkpoint(exp: str, fold: int, name: str = "last.pt", seed_dir: str = "") -> dict:
@@ -104,9 +111,59 @@ def test_early_stopping_waits_for_the_second_half_of_the_final_phase(tiny_data, 
     stop at epoch 2 of 8; the run goes on to epoch 4, half the schedule, then stops and keeps epoch 1's weights."""
     losses = iter(np.linspace(0.30, 0.40, 8))
     monkeypatch.setattr(fit, "validate", lambda *a, **k: {"valid_wll": float(next(losses)), "valid_auc_any": 0.5})
-    run_fold(config(tiny_data, "t_early_half", "epochs=8", "early_stopping=1", "num_workers=0"), 0, tiny_data)
+    run_fold(config(tiny_data, "t_early_half", "epochs=8", "select_epoch=valid", "early_stopping=1",
+                    "num_workers=0"), 0, tiny_data)
     state = checkpoint("t_early_half", 0)
     assert state["stopped_early"] and [row["epoch"] for row in state["history"]] == [1, 2, 3, 4]
     assert checkpoint("t_early_half", 0, "best.pt")["epoch"] == 1
     assert [fit.may_stop_early(e, 8) for e in range(8)] == [False] * 3 + [True] * 5
     assert fit.may_stop_early(0, 1) and not fit.may_stop_early(1, 5) and fit.may_stop_early(2, 5)
+
+    # Run again with the defaults (last epoch, no early stopping): the run goes on to epoch 8 from where it stopped,
+    # and the fold is predicted again from epoch 8, its predictions having come from epoch 1.
+    losses = iter(np.linspace(0.30, 0.40, 8)[4:])
+    run_fold(config(tiny_data, "t_early_half", "epochs=8", "num_workers=0"), 0, tiny_data)
+    state = checkpoint("t_early_half", 0)
+    assert not state["stopped_early"] and [row["epoch"] for row in state["history"]] == list(range(1, 9))
+    assert checkpoint("t_early_half", 0, "best.pt")["epoch"] == 8
+    assert read_json(exp_dir("t_early_half") / "fold0_run.json")["deployed_epochs"] == [8]
+
+
+def test_last_epoch_is_deployed_however_the_validation_fold_scores_it(tiny_data, monkeypatch):
+    """select_epoch=last (the default): the validation fold's log loss falls until epoch 1 and rises after, yet the
+    fold predicts with epoch 3's weights; with select_epoch=valid the same run predicts with epoch 1's. An old run,
+    whose best.pt and predictions came from the validation fold's best epoch, is predicted again from its last epoch
+    without training."""
+    monkeypatch.setattr(fit, "validate", lambda *a, **k: {"valid_wll": float(next(losses)), "valid_auc_any": 0.5})
+    losses = iter([0.30, 0.35, 0.40])
+    run_fold(config(tiny_data, "t_select_valid", "epochs=3", "select_epoch=valid", "num_workers=0"), 0, tiny_data)
+    assert checkpoint("t_select_valid", 0, "best.pt")["epoch"] == 1
+    assert read_json(exp_dir("t_select_valid") / "fold0_run.json")["deployed_epochs"] == [1]
+
+    losses = iter([0.30, 0.35, 0.40])
+    run_fold(config(tiny_data, "t_select_last", "epochs=3", "num_workers=0"), 0, tiny_data)
+    assert checkpoint("t_select_last", 0, "best.pt")["epoch"] == 3
+    last_oof = pd.read_csv(exp_dir("t_select_last") / "fold0_valid.csv")
+    valid_oof = pd.read_csv(exp_dir("t_select_valid") / "fold0_valid.csv")
+    assert not np.allclose(last_oof[list(LABELS)], valid_oof[list(LABELS)])  # other weights, other predictions
+
+    # The select_epoch=valid run read under today's default: its own epoch 3, exactly as the run trained that way.
+    record = exp_dir("t_select_valid") / "fold0_run.json"
+    saved = read_json(record)
+    del saved["config"]["select_epoch"]  # as records written before the key existed
+    record.write_text(json.dumps(saved))
+    trained_at = (WORK / "models" / "t_select_valid" / "fold0" / "last.pt").stat().st_mtime_ns
+    monkeypatch.setattr(fit, "validate", lambda *a, **k: pytest.fail("a finished run must not train or validate"))
+    run_fold(config(tiny_data, "t_select_valid", "epochs=3", "num_workers=0"), 0, tiny_data)
+    assert (WORK / "models" / "t_select_valid" / "fold0" / "last.pt").stat().st_mtime_ns == trained_at
+    assert checkpoint("t_select_valid", 0, "best.pt")["epoch"] == 3
+    again = pd.read_csv(exp_dir("t_select_valid") / "fold0_valid.csv")
+    np.testing.assert_allclose(again[list(LABELS)], last_oof[list(LABELS)], atol=1e-6)
+
+
+def test_early_stopping_needs_select_epoch_valid():
+    with pytest.raises(InputError, match=r"early_stopping=3.*select_epoch=valid"):
+        load_config(None, ["early_stopping=3"])
+    assert load_config(None, ["early_stopping=3", "select_epoch=valid"]).early_stopping == 3
+    with pytest.raises(InputError, match="select_epoch"):
+        load_config(None, ["select_epoch=best"])

@@ -21,15 +21,20 @@ from src.naming import flatten
 # under another path (a notebook's input mount) resumes; other data is refused by the fold split recorded in the
 # model folder (src/data/folds.py guard_model_split), which covers every image ID.
 # cache_format too: both stores hand the loader the same uint8 pixels, so a run may move to the zstd store mid-way.
+# select_epoch only picks which saved weights to deploy, and early_stopping only when a run ends (one it stopped
+# continues when run without it): neither makes the weights of an epoch differ.
 RESUME_SAFE_KEYS = {"num_workers", "tta_flip", "log_every", "compile", "seeds", "data_dir", "predict_train",
-                    "cache_format", *AFTER_TRAINING_SECTIONS}
+                    "cache_format", "select_epoch", "early_stopping", *AFTER_TRAINING_SECTIONS}
 
 
 VOLUME_CUTOFF_KEY = "volume_cutoff"  # a weak-mode checkpoint's calibrated volume cutoff (src/cnn/volume_cutoff.py)
 
 
-def save_checkpoint(path: Path, model: nn.Module, cfg: Config, epoch: int, optimizer=None, **extra: Any) -> None:
-    state = {"model": model.state_dict(), "config": dataclasses.asdict(cfg), "epoch": epoch, **extra}
+def save_checkpoint(path: Path, model: nn.Module | dict, cfg: Config, epoch: int, optimizer=None,
+                    **extra: Any) -> None:
+    """model: the network, or its state_dict."""
+    weights = model if isinstance(model, dict) else model.state_dict()
+    state = {"model": weights, "config": dataclasses.asdict(cfg), "epoch": epoch, **extra}
     if optimizer is not None:
         state["optimizer"] = optimizer.state_dict()
     with atomic_path(path) as tmp:
@@ -66,6 +71,21 @@ def deployed_weights(state: dict[str, Any]) -> dict[str, Any]:
     """The weights a run predicts with: best.pt holds the validated ones (the EMA copy when `ema` is on); a last.pt
     (a run without validation that stopped before saving best.pt) holds the EMA copy beside the raw weights."""
     return state.get("ema") or state["model"]
+
+
+def deployed_checkpoint(model_dir: Path, cfg: Config, write: bool = True) -> Path:
+    """best.pt: the weights a fold deploys (its OOF, test and triage predictions), last.pt when there is no best.pt.
+
+    With select_epoch=last, a best.pt that holds another epoch (one chosen on the validation fold, as runs did before
+    select_epoch existed) is rewritten from last.pt's deployed weights (rank 0 writes; `write=False` only looks)."""
+    best, last = model_dir / "best.pt", model_dir / "last.pt"
+    if cfg.select_epoch == "last" and last.exists() and write:
+        final = read_checkpoint(last)
+        kept = read_checkpoint(best) if best.exists() else {}
+        if kept.get("select_epoch") != "last" or kept.get("epoch") != final["epoch"]:
+            save_checkpoint(best, deployed_weights(final), cfg, epoch=final["epoch"],
+                            ema_weights=bool(final.get("ema")), select_epoch="last")
+    return best if best.exists() else last
 
 
 def deploy(model: nn.Module, state: dict[str, Any]) -> nn.Module:

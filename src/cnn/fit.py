@@ -60,8 +60,10 @@ class Progress:
         if state is None:
             return cls()
         core.load_state_dict(state["model"])
-        return cls(state["epoch"], state["best"], state["stale"], state["history"],
-                   bool(state.get("stopped_early", False)), state)
+        # A run early stopping ended goes on to the end of its schedule when run again with it off or looser (the
+        # learning rate is a pure function of the step, so the continuation is exact).
+        stopped = bool(state.get("stopped_early", False)) and 0 < cfg.early_stopping <= state["stale"]
+        return cls(state["epoch"], state["best"], state["stale"], state["history"], stopped, state)
 
     def finished(self, total_epochs: int) -> bool:
         return self.state is not None and (self.start_epoch >= total_epochs or self.stopped_early)
@@ -178,7 +180,9 @@ def train_epochs(core: nn.Module, train_ds, valid_ds, cfg: Config, rt: Runtime, 
                                  ema=ema, ema_step=ema_step),
                "lr": optimizer.param_groups[0]["lr"]}  # the last step's: the schedule's value at the epoch's end
         judged = ema.module if ema is not None else core  # the weights that are validated, kept and deployed
-        improved = valid_ds is None  # training on all folds: the last epoch is the model
+        improved = False
+        # The last epoch is the model unless select_epoch=valid (and there is a validation fold to choose on).
+        deploy = valid_ds is None or cfg.select_epoch == "last"
         # Segmentation-only epochs leave the head untrained: their slice scores mean nothing and they never become
         # "best", so they are not validated (a validation pass costs about half a balanced segment epoch).
         if valid_ds is not None and phase.seg_lambda < 1.0:
@@ -187,22 +191,24 @@ def train_epochs(core: nn.Module, train_ds, valid_ds, cfg: Config, rt: Runtime, 
                 progress.best, progress.stale, improved = row["valid_wll"], 0, True
             else:
                 progress.stale += 1
+            deploy = deploy or improved
         row["epoch_time_s"] = time.perf_counter() - started
         ema_step += math.ceil(len(loader) / max(1, cfg.accumulate))
         progress.history.append(row)
-        progress.stopped_early = bool(valid_ds is not None and cfg.early_stopping and phase is phases[-1]
+        progress.stopped_early = bool(valid_ds is not None and cfg.early_stopping > 0 and phase is phases[-1]
                                       and progress.stale >= cfg.early_stopping
                                       and may_stop_early(epoch_in_phase, phase.epochs))
         if rt.rank == 0:
-            if improved:
-                save_checkpoint(run.model_dir / "best.pt", judged, cfg, epoch=epoch + 1, ema_weights=ema is not None)
+            if deploy:  # best.pt: the weights this fold deploys, whichever epoch select_epoch picks
+                save_checkpoint(run.model_dir / "best.pt", judged, cfg, epoch=epoch + 1, ema_weights=ema is not None,
+                                select_epoch=cfg.select_epoch)
             extra = {"ema": ema.module.state_dict()} if ema is not None else {}
             save_checkpoint(run.model_dir / "last.pt", core, cfg, epoch=epoch + 1, optimizer=optimizer,
                             phase=phase.name, best=progress.best, stale=progress.stale, history=progress.history,
                             stopped_early=progress.stopped_early, scaler=scaler.state_dict(), **extra)
             write_epochs(progress.history, out_dir, run.tag)
             shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}
-            print(f"[train] {shown}{'  *best*' if improved and valid_ds is not None else ''}", flush=True)
+            print(f"[train] {shown}{'  *best valid*' if improved else ''}", flush=True)
         barrier(rt.world)
         if progress.stopped_early and rt.rank == 0:
             print(f"[train] early stop: no improvement for {cfg.early_stopping} epochs")

@@ -93,7 +93,7 @@ def train_one_epoch(model: nn.Module, loader, optimizer, scaler, phase: Phase, e
 
 def validate(model: nn.Module, loader, valid_ds, rt: Runtime, desc: str) -> dict:
     """The competition metric and AUC(any) of the given weights (the EMA copy when on) on the held-out fold, from
-    probabilities only (no TTA, no embeddings: those are predicted once, from the best checkpoint)."""
+    probabilities only (no TTA, no embeddings: those are predicted once, from the deployed checkpoint)."""
     pred = predict_sharded(model, loader, rt, False, desc, embeddings=False)
     y = valid_ds.labels
     return {"valid_wll": weighted_log_loss(y, pred["probs"]), "valid_auc_any": per_class_auc(y, pred["probs"])["any"]}

@@ -3,7 +3,8 @@
 Runs as is on CPU or one GPU, and under `torchrun --nproc_per_node N -m src.cnn.train ...` with DistributedDataParallel
 (NCCL on GPUs, gloo on CPU); only rank 0 writes files. The steps of `run_fold`, in order: data; for each seed the
 model, its resume state and the epoch loop (fit.py: train, validate, checkpoint); then predictions from each seed's
-best checkpoint, averaged over seeds.
+deployed checkpoint (its last epoch, or with select_epoch=valid the one best on the validation fold), averaged over
+seeds.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch.distributed as dist
 from torch import nn
 
 from src import predictions
-from src.cnn.checkpoints import deploy, read_checkpoint
+from src.cnn.checkpoints import deploy, deployed_checkpoint, read_checkpoint
 from src.cnn.distributed import barrier, predict_sharded, setup_distributed, shard_loader
 from src.cnn.fit import Progress, SeedRun, train_epochs
 from src.cnn.model import build_model
@@ -89,9 +90,10 @@ def mean_of_seeds(outs: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
 
 def predict_outputs(model: nn.Module, cfg: Config, rt: Runtime, data_dir: Path, runs: list[SeedRun], tag: str,
                     train_meta: pd.DataFrame, images: np.ndarray, valid_ds) -> dict[str, tuple]:
-    """Predictions of each seed's best checkpoint, averaged over seeds: OOF for the held-out fold, test, and
-    embeddings for the stacker."""
-    chosen = [r.model_dir / "best.pt" if (r.model_dir / "best.pt").exists() else r.model_dir / "last.pt" for r in runs]
+    """Predictions of each seed's deployed checkpoint (select_epoch), averaged over seeds: OOF for the held-out
+    fold, test, and embeddings for the stacker."""
+    chosen = [deployed_checkpoint(r.model_dir, cfg, write=rt.rank == 0) for r in runs]
+    barrier(rt.world)  # rank 0 may have rewritten a best.pt for select_epoch=last
     if cfg.arch != "classifier" and cfg.masks == "none" and rt.rank == 0:  # once, written into each checkpoint
         empty = known_empty_sample(train_meta)
         if empty.empty:  # the trained model is kept either way; only its volume goes uncalibrated
@@ -147,13 +149,20 @@ def run_fold(cfg: Config, fold: int, data_dir: Path) -> Path:
         train_epochs(model, train_ds, valid_ds, cfg, rt, phases, progress, run, out_dir)
 
     emb_splits = ("test", "valid")[: 1 + has_valid] + (("train",) if cfg.predict_train else ())
-    if finished and predictions.predictions_complete(out_dir, tag, has_valid, emb_splits):
+    complete = finished and predictions.predictions_complete(out_dir, tag, has_valid, emb_splits)
+    if complete and has_valid and (made_with := predictions.recorded_select_epoch(out_dir, tag)) != cfg.select_epoch:
+        if rank == 0:
+            print(f"[train] {tag}: its predictions came from select_epoch={made_with}; predicting again from the "
+                  f"epoch select_epoch={cfg.select_epoch} picks (no training)")
+        complete = False
+    if complete:
         if rank == 0:
             print(f"[train] {tag} is complete: {out_dir}/{tag}_* (delete {model_dir} to train it again)")
         return out_dir
     results = predict_outputs(model, cfg, rt, data_dir, runs, tag, train_meta, images, valid_ds)
     if rank == 0:
-        predictions.write_predictions(out_dir, tag, fold, results, cfg, split)
+        epochs = [read_checkpoint(deployed_checkpoint(r.model_dir, cfg, write=False))["epoch"] for r in runs]
+        predictions.write_predictions(out_dir, tag, fold, results, cfg, split, deployed_epochs=epochs)
         print(f"[train] wrote {out_dir}/{tag}_*")
     barrier(world)
     if world > 1:
