@@ -76,3 +76,17 @@ def test_within_the_same_folds_the_lower_cv_comes_first(two_experiments):
     _fold(root / third.exp_name, 0, wll=0.21, auc_any=0.9, n=100, cfg=third)
     _fold(root / third.exp_name, 1, wll=0.25, auc_any=0.9, n=300, cfg=third)
     assert list(leaderboard(root)["exp"]) == [third.exp_name, slow.exp_name, fast.exp_name]
+
+
+def test_folds_whose_epoch_was_chosen_on_the_validation_fold_are_flagged(two_experiments):
+    """A fold predicted with select_epoch=valid (or recorded before the key existed) is optimistic: the note says so
+    and names the folds; folds predicted with their last epoch carry no such note."""
+    root, slow, fast = two_experiments
+    record = root / slow.exp_name / "fold1_run.json"
+    saved = json.loads(record.read_text())
+    del saved["config"]["select_epoch"]  # as written before the key existed: the validation fold chose the epoch
+    record.write_text(json.dumps(saved))
+    table = leaderboard(root).set_index("exp")
+    assert table.loc[slow.exp_name, "note"] == "epoch chosen on the validation fold (optimistic): fold 1"
+    assert "optimistic" not in table.loc[fast.exp_name, "note"]
+    assert table.loc[fast.exp_name, "note"] == ""  # its stackers saw the same folds as the CNN

@@ -24,7 +24,7 @@ from src.errors import InputError, run_cli
 from src.markdown import markdown_table
 from src.naming import describe
 from src.paths import OOF_DIR
-from src.predictions import fold_files
+from src.predictions import fold_files, recorded_select_epoch
 
 STACK_KINDS: tuple[str, ...] = ("lgbm", "gru", "blend")  # the level-2 folders python -m src.stack writes
 LEADERBOARD = "leaderboard"  # oof/leaderboard.{csv,md}
@@ -79,6 +79,7 @@ def experiment_row(pred_dir: Path) -> dict | None:
         "cv_auc_any": float(auc.mean()),
         "n_images": int(n.sum()),
     }
+    notes = []
     for kind in STACK_KINDS:
         path = pred_dir.parent / f"{pred_dir.name}_stack_{kind}" / "metrics.json"
         stacked = _read_json(path) if path.exists() else None
@@ -86,12 +87,16 @@ def experiment_row(pred_dir: Path) -> dict | None:
         if stacked and kind == "blend":
             row["blend_auc_any"] = _score(stacked["stacked"], path)[1]
         if stacked and sorted(stacked.get("folds_available", [])) != folds:
-            row["note"] = f"stackers fit on folds {' '.join(map(str, stacked.get('folds_available', [])))}"
+            notes.append(f"stackers fit on folds {' '.join(map(str, stacked.get('folds_available', [])))}")
+    # Records from before select_epoch existed read as "valid": their CV is optimistic and should not be ranked
+    # against runs that predict with their last epoch without saying so.
+    if chosen := [k for k in folds if recorded_select_epoch(pred_dir, f"fold{k}") == "valid"]:
+        notes.append(f"epoch chosen on the validation fold (optimistic): fold {' '.join(map(str, chosen))}")
+    row["note"] = "; ".join(notes)
     row.setdefault("blend_auc_any", float("nan"))
     row["train_min"] = train_minutes(pred_dir, folds)
     row.update({key: config.get(key, "") for key in NAME_KEYS})
     row["other_settings"] = describe(training_overrides(config)) if config else "(no run record)"
-    row.setdefault("note", "")
     return row
 
 
