@@ -252,6 +252,15 @@ def recorded_select_epoch(out_dir: Path, tag: str) -> str:
     return record.get("config", {}).get("select_epoch", "valid")
 
 
+def record_selection(out_dir: Path, tag: str, select_epoch: str, deployed_epochs: Sequence[int]) -> None:
+    """Rewrite a fold's run record for predictions that stand under another select_epoch (same weights)."""
+    path = Path(out_dir) / f"{tag}_run.json"
+    record = json.loads(path.read_text())
+    record.setdefault("config", {})["select_epoch"] = select_epoch
+    record["deployed_epochs"] = [int(e) for e in deployed_epochs]
+    write_json(record, path)
+
+
 def predictions_complete(out_dir: Path, tag: str, has_valid: bool, splits_with_emb: Sequence[str] = ()) -> bool:
     names = [f"{tag}_test.csv", f"{tag}_run.json"] + [f"{tag}_{s}_emb.npy" for s in splits_with_emb]
     if has_valid:

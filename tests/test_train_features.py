@@ -160,6 +160,28 @@ def test_last_epoch_is_deployed_however_the_validation_fold_scores_it(tiny_data,
     again = pd.read_csv(exp_dir("t_select_valid") / "fold0_valid.csv")
     np.testing.assert_allclose(again[list(LABELS)], last_oof[list(LABELS)], atol=1e-6)
 
+    # The epoch best on validation kept nowhere once a fold deploys its last: asking for it is a clear error.
+    with pytest.raises(InputError, match=r"select_epoch=last.*not kept"):
+        run_fold(config(tiny_data, "t_select_last", "epochs=3", "select_epoch=valid", "num_workers=0"), 0, tiny_data)
+
+
+def test_a_fold_whose_best_epoch_was_its_last_keeps_its_predictions(tiny_data, monkeypatch):
+    """Recorded under select_epoch=valid, but the best epoch on validation was the last: the predictions are those
+    select_epoch=last makes, so only the record (and best.pt's tag) change; nothing is predicted again."""
+    monkeypatch.setattr(fit, "validate", lambda *a, **k: {"valid_wll": float(next(losses)), "valid_auc_any": 0.5})
+    losses = iter([0.40, 0.35, 0.30])
+    run_fold(config(tiny_data, "t_select_moot", "epochs=3", "select_epoch=valid", "num_workers=0"), 0, tiny_data)
+    record = exp_dir("t_select_moot") / "fold0_run.json"
+    saved = read_json(record)
+    del saved["config"]["select_epoch"]
+    record.write_text(json.dumps(saved))
+    oof = (exp_dir("t_select_moot") / "fold0_valid.csv").read_bytes()
+    monkeypatch.setattr("src.cnn.train.predict_outputs", lambda *a, **k: pytest.fail("predicted again"))
+    run_fold(config(tiny_data, "t_select_moot", "epochs=3", "num_workers=0"), 0, tiny_data)
+    assert read_json(record)["config"]["select_epoch"] == "last" and read_json(record)["deployed_epochs"] == [3]
+    assert (exp_dir("t_select_moot") / "fold0_valid.csv").read_bytes() == oof
+    assert checkpoint("t_select_moot", 0, "best.pt")["select_epoch"] == "last"
+
 
 def test_early_stopping_needs_select_epoch_valid():
     with pytest.raises(InputError, match=r"early_stopping=3.*select_epoch=valid"):

@@ -79,6 +79,9 @@ def deployed_checkpoint(model_dir: Path, cfg: Config, write: bool = True) -> Pat
     With select_epoch=last, a best.pt that holds another epoch (one chosen on the validation fold, as runs did before
     select_epoch existed) is rewritten from last.pt's deployed weights (rank 0 writes; `write=False` only looks)."""
     best, last = model_dir / "best.pt", model_dir / "last.pt"
+    if cfg.select_epoch == "valid" and best.exists() and read_checkpoint(best).get("select_epoch") == "last":
+        raise InputError(f"{best}: holds the last epoch (trained with select_epoch=last), not the one best on the "
+                         "validation fold, which was not kept: train the fold under select_epoch=valid")
     if cfg.select_epoch == "last" and last.exists() and write:
         final = read_checkpoint(last)
         kept = read_checkpoint(best) if best.exists() else {}

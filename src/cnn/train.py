@@ -88,6 +88,20 @@ def mean_of_seeds(outs: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
     return {**outs[0], **mean}
 
 
+def last_epochs_if_best(runs: list[SeedRun]) -> list[int] | None:
+    """Each seed's last epoch when it is also the one its best.pt holds (the best on the validation fold), else
+    None: a fold predicted with select_epoch=valid then has the very predictions select_epoch=last would make."""
+    epochs = []
+    for run in runs:
+        best, last = run.model_dir / "best.pt", run.model_dir / "last.pt"
+        if not (best.exists() and last.exists()):
+            return None
+        epochs.append(read_checkpoint(last)["epoch"])
+        if read_checkpoint(best)["epoch"] != epochs[-1]:
+            return None
+    return epochs
+
+
 def predict_outputs(model: nn.Module, cfg: Config, rt: Runtime, data_dir: Path, runs: list[SeedRun], tag: str,
                     train_meta: pd.DataFrame, images: np.ndarray, valid_ds) -> dict[str, tuple]:
     """Predictions of each seed's deployed checkpoint (select_epoch), averaged over seeds: OOF for the held-out
@@ -151,10 +165,19 @@ def run_fold(cfg: Config, fold: int, data_dir: Path) -> Path:
     emb_splits = ("test", "valid")[: 1 + has_valid] + (("train",) if cfg.predict_train else ())
     complete = finished and predictions.predictions_complete(out_dir, tag, has_valid, emb_splits)
     if complete and has_valid and (made_with := predictions.recorded_select_epoch(out_dir, tag)) != cfg.select_epoch:
-        if rank == 0:
-            print(f"[train] {tag}: its predictions came from select_epoch={made_with}; predicting again from the "
-                  f"epoch select_epoch={cfg.select_epoch} picks (no training)")
-        complete = False
+        if made_with == "valid" and (epochs := last_epochs_if_best(runs)):
+            if rank == 0:  # the same weights either way: only best.pt's tag and the record change
+                for r in runs:
+                    deployed_checkpoint(r.model_dir, cfg)
+                predictions.record_selection(out_dir, tag, cfg.select_epoch, epochs)
+                print(f"[train] {tag}: the epoch best on its validation fold was its last, so its predictions are "
+                      f"those select_epoch={cfg.select_epoch} makes: kept, record updated")
+            barrier(world)
+        else:
+            if rank == 0:
+                print(f"[train] {tag}: its predictions came from select_epoch={made_with}; predicting again from "
+                      f"the epoch select_epoch={cfg.select_epoch} picks (no training)")
+            complete = False
     if complete:
         if rank == 0:
             print(f"[train] {tag} is complete: {out_dir}/{tag}_* (delete {model_dir} to train it again)")
