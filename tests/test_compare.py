@@ -116,3 +116,11 @@ def test_cli_writes_markdown_and_json(tmp_path, monkeypatch):
         compare.main(["--pred", str(tmp_path / "nope"), str(tmp_path / "oof" / "new")])
     with pytest.raises(InputError, match="twice"):
         compare.main(["--pred", str(tmp_path / "oof" / "new"), str(tmp_path / "oof" / "new")])
+    # A copy of an experiment's earlier predictions under the same folder name: labelled by the paths given.
+    earlier = tmp_path / "before" / "new"
+    earlier.mkdir(parents=True)
+    _pred(meta, 0.5, 8).to_csv(earlier / "fold0_valid.csv", index=False)
+    assert compare.main(["--pred", str(earlier), str(tmp_path / "oof" / "new"), "--n-boot", "20", "--out", str(out),
+                         "--data", str(tmp_path)]) == 0
+    saved = json.loads((out / "compare.json").read_text())
+    assert [r["experiment"] for r in saved["scores"]] == [str(earlier), str(tmp_path / "oof" / "new")]

@@ -140,13 +140,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.n_boot < 1:
         raise InputError("--n-boot must be >= 1")
-    preds = {}
-    for folder in map(Path, args.pred):
-        if not folder.is_dir():
-            raise InputError(f"{folder}: prediction folder not found")
-        preds[folder.resolve().name] = load_valid_predictions(folder)
-    if len(preds) < len(args.pred):
+    folders = [Path(f) for f in args.pred]
+    if missing := [f for f in folders if not f.is_dir()]:
+        raise InputError(f"{missing[0]}: prediction folder not found")
+    if len({f.resolve() for f in folders}) < len(folders):
         raise InputError("--pred: the same experiment is given twice")
+    # Labelled by folder name; two folders of one name (an experiment and a copy of its earlier predictions) by the
+    # paths as given.
+    names = [f.resolve().name for f in folders]
+    labels = names if len(set(names)) == len(names) else [str(f) for f in folders]
+    preds = {label: load_valid_predictions(f) for label, f in zip(labels, folders)}
     from src.data.metadata import load_metadata  # reads the header table: only the CLI needs it
 
     result = compare(preds, load_metadata(resolve_data_dir(args.data), "train"), args.n_boot, args.seed)
