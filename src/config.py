@@ -79,6 +79,15 @@ NON_TRAINING_KEYS: frozenset[str] = frozenset({"exp", "data_dir", "num_workers",
                                                "cache_format", "predict_train", "early_stopping",
                                                *AFTER_TRAINING_SECTIONS})
 SELECT_EPOCH = ("last", "valid")
+# Keys a plain classifier never reads (BloodNet's schedule and segmentation supervision), and the one BloodNet never
+# reads: a checkpoint is not refused over them (a classifier trained before a BloodNet default changed still resumes).
+SEGMENTATION_ONLY_KEYS: frozenset[str] = frozenset({
+    "seg_epochs", "head_epochs", "joint_epochs", "joint_lambda", "masks", "seg_loss", "weak_pool_r", "weak_refine",
+    "seg_balance", "seg_hard_negatives", "seg_full_res", "hu_prior"})
+
+
+def unused_keys(arch: str) -> frozenset[str]:
+    return SEGMENTATION_ONLY_KEYS if arch == "classifier" else frozenset({"epochs"})
 # The readable part of a derived experiment name; they are spelled out there, so the hash leaves them out.
 NAME_KEYS: tuple[str, ...] = ("arch", "backbone", "image_size", "context")
 

@@ -130,7 +130,7 @@ def test_checkpoint_from_before_a_new_key_still_resumes(tmp_path):
     from src.cnn.checkpoints import load_checkpoint, save_checkpoint
     from src.errors import InputError
 
-    cfg = load_config(None, ["arch=classifier"])
+    cfg = load_config(None, ["arch=bloodnet"])
     path = tmp_path / "last.pt"
     save_checkpoint(path, torch.nn.Linear(2, 2), cfg, epoch=1)
     state = torch.load(path, weights_only=False)
@@ -138,12 +138,30 @@ def test_checkpoint_from_before_a_new_key_still_resumes(tmp_path):
     del old["seg_hard_negatives"], old["aug"][next(iter(old["aug"]))]  # saved before these keys existed
     torch.save({**state, "config": old}, path)
     assert load_checkpoint(path, cfg)["epoch"] == 1
-    changed = load_config(None, ["arch=classifier", "seg_hard_negatives=0.5"])
+    changed = load_config(None, ["arch=bloodnet", "seg_hard_negatives=0.5"])
     with pytest.raises(InputError, match=r"other settings \(seg_hard_negatives\)"):
         load_checkpoint(path, changed)
     aug_key = next(iter(old["aug"]))  # a key the old checkpoint still has
     value = old["aug"][aug_key]
     other = (not value) if isinstance(value, bool) else value * 2 + 1
-    changed = load_config(None, ["arch=classifier", f"aug.{aug_key}={other}"])
+    changed = load_config(None, ["arch=bloodnet", f"aug.{aug_key}={other}"])
     with pytest.raises(InputError, match=r"other settings \(aug\)"):
         load_checkpoint(path, changed)
+    # BloodNet never reads `epochs` (its three phases have their own): not a reason to refuse.
+    assert load_checkpoint(path, load_config(None, ["arch=bloodnet", "epochs=9"]))["epoch"] == 1
+
+
+def test_a_classifier_checkpoint_ignores_bloodnet_only_keys(tmp_path):
+    """A classifier trained before a BloodNet default changed (seg_epochs 2 -> 3) still resumes and re-predicts: it
+    never read the key. Its own keys still refuse."""
+    import torch
+
+    from src.cnn.checkpoints import load_checkpoint, save_checkpoint
+    from src.errors import InputError
+
+    path = tmp_path / "last.pt"
+    save_checkpoint(path, torch.nn.Linear(2, 2), load_config(None, ["arch=classifier", "seg_epochs=2",
+                                                                      "joint_epochs=3", "masks=none"]), epoch=4)
+    assert load_checkpoint(path, load_config(None, ["arch=classifier"]))["epoch"] == 4
+    with pytest.raises(InputError, match=r"other settings \(epochs\)"):
+        load_checkpoint(path, load_config(None, ["arch=classifier", "epochs=9"]))

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from src.atomic import atomic_path
-from src.config import AFTER_TRAINING_SECTIONS, Config
+from src.config import AFTER_TRAINING_SECTIONS, Config, unused_keys
 from src.errors import InputError
 from src.naming import flatten
 
@@ -50,8 +50,9 @@ def load_checkpoint(path: Path, cfg: Config) -> dict[str, Any] | None:
     # code after it was saved and counts as its default, as in the experiment name (src/naming.py).
     now, then = flatten(dataclasses.asdict(cfg)), flatten(state.get("config", {}))
     defaults = flatten(dataclasses.asdict(Config()))
+    ignored = RESUME_SAFE_KEYS | unused_keys(cfg.arch)
     changed = sorted({k.split(".")[0] for k in now
-                      if k.split(".")[0] not in RESUME_SAFE_KEYS and now[k] != then.get(k, defaults.get(k))})
+                      if k.split(".")[0] not in ignored and now[k] != then.get(k, defaults.get(k))})
     if changed:
         raise InputError(
             f"{path}: checkpoint was trained with other settings ({', '.join(changed)}); "
