@@ -83,6 +83,8 @@ RECIPES: tuple[Recipe, ...] = (
            ("masks=none", "weak_pool_r=4")),
     Recipe("nomask-joint", "nomask trained classification-first: no segment-only or head-only epochs, 7 joint (the "
            "same minutes)", ("masks=none", "seg_epochs=0", "head_epochs=0", "joint_epochs=7")),
+    Recipe("nomask-lambda", "nomask with a lighter weak term in the joint epochs (lambda 0.25 instead of 0.5)",
+           ("masks=none", "joint_lambda=0.25")),
     Recipe("fullres", "the default with one more decoder block at the input's size, reading the image",
            ("seg_full_res=true",)),
     Recipe("classifier-96px", "plain timm classifier at the default's size and context, 8 epochs (BloodNet's 3 "

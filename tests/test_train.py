@@ -165,3 +165,21 @@ def test_a_classifier_checkpoint_ignores_bloodnet_only_keys(tmp_path):
     assert load_checkpoint(path, load_config(None, ["arch=classifier"]))["epoch"] == 4
     with pytest.raises(InputError, match=r"other settings \(epochs\)"):
         load_checkpoint(path, load_config(None, ["arch=classifier", "epochs=9"]))
+
+
+def test_deployed_checkpoint_follows_select_epoch_and_keeps_a_valid_cutoff(tmp_path):
+    """select_epoch=last rewrites a best.pt chosen on validation from last.pt; a weak-mode volume cutoff calibrated
+    on the same epoch's weights is kept, one calibrated on another epoch's is not (it belongs to other weights)."""
+    import torch
+
+    from src.cnn.checkpoints import VOLUME_CUTOFF_KEY, deployed_checkpoint, read_checkpoint, save_checkpoint
+
+    cfg = load_config(None, ["masks=none"])
+    net = torch.nn.Linear(2, 2)
+    save_checkpoint(tmp_path / "last.pt", net, cfg, epoch=10)
+    for best_epoch, kept in ((10, True), (7, False)):
+        save_checkpoint(tmp_path / "best.pt", net, cfg, epoch=best_epoch, **{VOLUME_CUTOFF_KEY: 0.83})
+        assert deployed_checkpoint(tmp_path, cfg) == tmp_path / "best.pt"
+        best = read_checkpoint(tmp_path / "best.pt")
+        assert best["epoch"] == 10 and best["select_epoch"] == "last"
+        assert (best.get(VOLUME_CUTOFF_KEY) == 0.83) is kept

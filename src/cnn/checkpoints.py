@@ -87,8 +87,11 @@ def deployed_checkpoint(model_dir: Path, cfg: Config, write: bool = True) -> Pat
         final = read_checkpoint(last)
         kept = read_checkpoint(best) if best.exists() else {}
         if kept.get("select_epoch") != "last" or kept.get("epoch") != final["epoch"]:
+            # The same epoch holds the same weights: a weak-mode cutoff calibrated on them still holds.
+            same = {VOLUME_CUTOFF_KEY: kept[VOLUME_CUTOFF_KEY]} \
+                if kept.get("epoch") == final["epoch"] and VOLUME_CUTOFF_KEY in kept else {}
             save_checkpoint(best, deployed_weights(final), cfg, epoch=final["epoch"],
-                            ema_weights=bool(final.get("ema")), select_epoch="last")
+                            ema_weights=bool(final.get("ema")), select_epoch="last", **same)
     return best if best.exists() else last
 
 
