@@ -135,8 +135,9 @@ class Config:
     seg_loss: str = "bce_dice"  # bce | bce_dice | bce_batch_dice (+ soft Dice per slice, or over the batch)
     weak_pool_r: float = 2.0  # masks=none: log-sum-exp pooling sharpness (large = max, small = mean)
     # masks=none: after the segment-only epochs, positives also train the pixel loss on pseudo-masks (their own map at
-    # the cutoff calibrated on known-empty slices; src/cnn/pseudo_masks.py). Off: over five folds it cost slice AUC
-    # (0.856 -> 0.842) and did not move the volume ranking (README, BloodNet section)
+    # the cutoff calibrated on known-empty slices; src/cnn/pseudo_masks.py). Over five folds (last epochs) a little
+    # better on every figure, each within the noise: off by default until a second data set agrees, on in
+    # configs/real_rsna_bloodnet.yaml (README, BloodNet section)
     weak_refine: bool = False
     seg_balance: bool = True  # segment-only epochs draw every slice with blood and as many empty ones (~2/5 the cost)
     # one more decoder block at the input's resolution, with the image itself as its skip: the encoder's finest

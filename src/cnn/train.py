@@ -103,9 +103,9 @@ def last_epochs_if_best(runs: list[SeedRun]) -> list[int] | None:
 
 
 def predict_outputs(model: nn.Module, cfg: Config, rt: Runtime, data_dir: Path, runs: list[SeedRun], tag: str,
-                    train_meta: pd.DataFrame, images: np.ndarray, valid_ds) -> dict[str, tuple]:
+                    train_meta: pd.DataFrame, images: np.ndarray, valid_ds) -> tuple[dict[str, tuple], list[int]]:
     """Predictions of each seed's deployed checkpoint (select_epoch), averaged over seeds: OOF for the held-out
-    fold, test, and embeddings for the stacker."""
+    fold, test, and embeddings for the stacker; and the epoch each checkpoint holds."""
     chosen = [deployed_checkpoint(r.model_dir, cfg, write=rt.rank == 0) for r in runs]
     barrier(rt.world)  # rank 0 may have rewritten a best.pt for select_epoch=last
     if cfg.arch != "classifier" and cfg.masks == "none" and rt.rank == 0:  # once, written into each checkpoint
@@ -118,11 +118,12 @@ def predict_outputs(model: nn.Module, cfg: Config, rt: Runtime, data_dir: Path, 
                                  batch_size=cfg.batch_size * 2, amp_dtype=rt.amp_dtype,
                                  channels_last=rt.channels_last)
     barrier(rt.world)
+    states = [read_checkpoint(path) for path in chosen]  # read once (after calibration), deployed for every split
 
     def predict(ds, tta: bool, desc: str) -> dict[str, np.ndarray]:
         loader, outs = shard_loader(ds, cfg, rt.rank, rt.world), []
-        for path in chosen:
-            deploy(model, read_checkpoint(path))
+        for path, state in zip(chosen, states):
+            deploy(model, state)
             outs.append(predict_sharded(model, loader, rt, tta, f"{desc} {path.parent.name}"))
         return mean_of_seeds(outs)
 
@@ -134,7 +135,7 @@ def predict_outputs(model: nn.Module, cfg: Config, rt: Runtime, data_dir: Path, 
     results["test"] = (test_meta, predict(test_ds, cfg.tta_flip, f"{tag} test"))
     if cfg.predict_train:  # in-sample predictions: nothing in the pipeline reads them, a stacker must not
         results["train"] = (train_meta, predict(SliceDataset(train_meta, images, cfg.context), False, f"{tag} train"))
-    return results
+    return results, [int(state["epoch"]) for state in states]
 
 
 def run_fold(cfg: Config, fold: int, data_dir: Path) -> Path:
@@ -182,9 +183,8 @@ def run_fold(cfg: Config, fold: int, data_dir: Path) -> Path:
         if rank == 0:
             print(f"[train] {tag} is complete: {out_dir}/{tag}_* (delete {model_dir} to train it again)")
         return out_dir
-    results = predict_outputs(model, cfg, rt, data_dir, runs, tag, train_meta, images, valid_ds)
+    results, epochs = predict_outputs(model, cfg, rt, data_dir, runs, tag, train_meta, images, valid_ds)
     if rank == 0:
-        epochs = [read_checkpoint(deployed_checkpoint(r.model_dir, cfg, write=False))["epoch"] for r in runs]
         predictions.write_predictions(out_dir, tag, fold, results, cfg, split, deployed_epochs=epochs)
         print(f"[train] wrote {out_dir}/{tag}_*")
     barrier(world)
