@@ -1,0 +1,76 @@
+"""bench/volume_readout.py: each read-out of a map whose probabilities are known, and the per-read-out table."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+from src.constants import FOLD_COL, ID_COL, SERIES_KEYS, STUDY, VOLUME_COL
+from src.errors import InputError
+from src.paths import ROOT
+
+spec = importlib.util.spec_from_file_location("volume_readout", ROOT / "bench" / "volume_readout.py")
+volume_readout = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(volume_readout)
+
+
+class FixedMap(nn.Module):
+    """A 'model' whose seg probability is a fixed 2x4 map, read in image coordinates, whatever it is shown: a flipped
+    input therefore sees the map mirrored once flipped back, which is what makes the two views disagree."""
+
+    def __init__(self, prob: torch.Tensor, cutoff: float = 0.5):
+        super().__init__()
+        self.logits = torch.logit(prob)
+        self.volume_cutoff = cutoff
+
+    def forward(self, image, voxel_mm3):
+        return {"seg_logits": self.logits.expand(len(image), 1, *self.logits.shape)}
+
+
+def test_readouts_of_a_known_map():
+    # Flip-averaging mirrors column j onto 3 - j: column 0 pairs 0.8 with 0.1 (mean 0.45), column 1 pairs 0.6 with
+    # 0.2 (mean 0.4); the second row is 0.55 everywhere (mean 0.55).
+    prob = torch.tensor([[0.8, 0.6, 0.2, 0.1], [0.55, 0.55, 0.55, 0.55]])
+    model = FixedMap(prob)
+    out = volume_readout.readout_volumes(model, torch.zeros(2, 3, 2, 4), torch.tensor([2.0, 3.0]),
+                                         cutoffs=(0.5, 0.42), soft_floors=(0.0, 0.5))
+    # deployed: each view counts its own pixels at p >= 0.5 (0.8, 0.6 and the four 0.55 = 6 in both), averaged.
+    np.testing.assert_allclose(out["deployed"], [6 * 2.0, 6 * 3.0])
+    # On the averaged map the first row peaks at 0.45: hard@0.5 keeps the second row only, hard@0.42 adds columns
+    # 0 and 3.
+    np.testing.assert_allclose(out["hard@0.5"], [4 * 2.0, 4 * 3.0])
+    np.testing.assert_allclose(out["hard@0.42"], [6 * 2.0, 6 * 3.0])
+    # soft@0: the whole averaged map, 0.45 + 0.4 + 0.4 + 0.45 + 4 x 0.55 = 3.9 pixels; soft@0.5: the second row, 2.2.
+    np.testing.assert_allclose(out["soft@0"], [3.9 * 2.0, 3.9 * 3.0], rtol=1e-5)
+    np.testing.assert_allclose(out["soft@0.5"], [2.2 * 2.0, 2.2 * 3.0], rtol=1e-5)
+    # A higher deployed cutoff (a weak-mode checkpoint's) counts fewer pixels: 0.8 and 0.6 only, per view.
+    np.testing.assert_allclose(volume_readout.readout_volumes(FixedMap(prob, 0.58), torch.zeros(1, 3, 2, 4),
+                                                              torch.tensor([1.0]))["deployed"], [2.0])
+
+
+def test_readout_table_scores_each_readout():
+    study = ["A", "A", "B", "B", "C"]
+    meta = pd.DataFrame({ID_COL: ["a1", "a2", "b1", "b2", "c1"], STUDY: study, **{k: study for k in SERIES_KEYS},
+                         "position": [0.0, 5.0, 0.0, 5.0, 0.0], "any": [1, 1, 1, 0, 0]})
+    true = pd.DataFrame({ID_COL: meta[ID_COL], VOLUME_COL: [100.0, 100.0, 50.0, 0.0, 0.0]})
+    slices = pd.DataFrame({ID_COL: meta[ID_COL], FOLD_COL: [0, 0, 1, 1, 1],
+                           "exact": [100.0, 100.0, 50.0, 0.0, 0.0],  # both positive studies exact
+                           "double": [200.0, 200.0, 100.0, 0.0, 1000.0]})  # +100% on each, 1 mL on the negative
+    table = volume_readout.readout_table(slices, meta, true).set_index("readout")
+    assert table.loc["exact", "mdape_pct"] == pytest.approx(0.0)
+    assert table.loc["double", "mdape_pct"] == pytest.approx(100.0)
+    assert table.loc["double", "fold0_mdape_pct"] == pytest.approx(100.0)
+    assert table.loc["exact", "spearman"] == pytest.approx(1.0)
+    assert table.loc["double", "false_blood_negative_ml"] == pytest.approx(1.0)
+    assert table.loc["exact", "false_blood_negative_ml"] == pytest.approx(0.0)
+
+
+def test_missing_checkpoint_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(volume_readout.paths, "WORK", tmp_path)
+    with pytest.raises(InputError, match=r"best\.pt: not found"):
+        volume_readout.deployed_model("no-such-exp", 0)
