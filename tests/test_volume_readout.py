@@ -74,3 +74,27 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr(volume_readout.paths, "WORK", tmp_path)
     with pytest.raises(InputError, match=r"best\.pt: not found"):
         volume_readout.deployed_model("no-such-exp", 0)
+
+
+def test_deployed_readout_is_what_the_oof_holds(tiny_data):
+    """On a trained fold, the bench's `deployed` column reproduces the OOF's blood_volume_mm3 slice for slice (both
+    flip views), and the table and per-slice files are written."""
+    from src import paths
+    from src.cnn.train import run_fold
+    from src.config import load_config
+    from src.predictions import exp_dir
+
+    cfg = load_config(None, ["arch=bloodnet", "backbone=resnet10t", "image_size=64", "batch_size=16", "num_workers=0",
+                             "context=0", "tta_flip=true", "limit_train_batches=2", "seg_epochs=1", "head_epochs=0",
+                             "joint_epochs=1", "exp=t_readout"])
+    cfg.data_dir = str(tiny_data)
+    run_fold(cfg, 0, tiny_data)
+    assert volume_readout.main(["--exp", "t_readout", "--folds", "0", "--data", str(tiny_data)]) == 0
+    out = paths.WORK / "bench" / "volume_readout_t_readout"
+    slices = pd.read_csv(out.with_name(out.name + "_slices.csv"), dtype={ID_COL: str}).set_index(ID_COL)
+    oof = pd.read_csv(exp_dir("t_readout") / "fold0_valid.csv", dtype={ID_COL: str}).set_index(ID_COL)
+    assert len(slices) == len(oof)
+    np.testing.assert_allclose(slices.loc[oof.index, "deployed"], oof[VOLUME_COL], rtol=1e-4, atol=1e-3)
+    table = pd.read_csv(out.with_suffix(".csv"))
+    assert {"deployed", "hard@0.5", "soft@0"} <= set(table["readout"]) and "fold0_mdape_pct" in table
+    assert out.with_suffix(".md").read_text().startswith("# Volume read-outs of t_readout")
