@@ -372,3 +372,18 @@ def test_volume_intervals_bracket_the_figures_and_collapse_when_exact():
     summary = volumes.volume_summary(exact)
     assert summary["mdape_ci95"] == [0.0, 0.0] and summary["spearman_ci95"] == pytest.approx([1.0, 1.0])
     assert "mdape_ci95" not in volumes.volume_summary(table.iloc[[0, 1, 12]])  # two positive studies: no interval
+
+
+def test_volume_error_by_hemorrhage_type():
+    """Per type, over the positive studies that have it (B has two types and counts in both): A 10%, B 50%, C 0%."""
+    pred, meta, true = _volume_inputs()
+    meta = meta.assign(subdural=[1, 0, 1, 0, 0, 0, 0, 0], subarachnoid=[0, 0, 0, 1, 1, 0, 0, 0], epidural=0)
+    table = volumes.study_volumes(pred, meta, true).set_index("StudyInstanceUID")
+    assert table["subdural"].tolist() == [1, 1, 0, 0] and table["subarachnoid"].tolist() == [0, 1, 1, 0]
+    by_type = volumes.volume_summary(table.reset_index(), n_boot=0)["by_type"]
+    assert set(by_type) == {"subdural", "subarachnoid"}  # no study has an epidural bleed
+    assert by_type["subdural"] == {"n_studies": 2, "mdape_percent": pytest.approx(30.0), "median_true_ml": 1.5}
+    assert by_type["subarachnoid"]["mdape_percent"] == pytest.approx(25.0)
+    assert by_type["subarachnoid"]["median_true_ml"] == pytest.approx(1.25)
+    assert "by_type" not in volumes.volume_summary(volumes.study_volumes(pred, meta.drop(
+        columns=["subdural", "subarachnoid", "epidural"]), true), n_boot=0)

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 
 from src import paths
-from src.constants import ID_COL, SERIES_KEYS, STUDY, VOLUME_COL
+from src.constants import ID_COL, SERIES_KEYS, STUDY, SUBTYPES, VOLUME_COL
 from src.data.metadata import SAME_POSITION_MM
 from src.errors import InputError
 
@@ -39,12 +39,14 @@ def slab_total_mm3(volume_mm3: np.ndarray, meta: pd.DataFrame) -> float:
 
 
 def study_volumes(pred: pd.DataFrame, meta: pd.DataFrame, true: pd.DataFrame | None = None) -> pd.DataFrame:
-    """One row per study: slice counts, predicted (and true) blood volume in mm³ and mL, absolute % error.
+    """One row per study: slice counts, predicted (and true) blood volume in mm³ and mL, absolute % error, and
+    which hemorrhage types the study has (1 when any of its slices is labelled so; when meta has the labels).
 
     meta: the train metadata (ID, StudyInstanceUID, any, the series keys and position); true: ID + the true volume.
     """
     meta = meta.assign(level=position_levels(meta))
-    df = pred[[ID_COL, VOLUME_COL]].merge(meta[[ID_COL, STUDY, "any", "level"]], on=ID_COL, how="left",
+    types = [t for t in SUBTYPES if t in meta]
+    df = pred[[ID_COL, VOLUME_COL]].merge(meta[[ID_COL, STUDY, "any", "level", *types]], on=ID_COL, how="left",
                                           validate="one_to_one")
     if df[STUDY].isna().any():
         raise InputError(f"{int(df[STUDY].isna().sum())} predicted images are not in the train metadata "
@@ -60,7 +62,8 @@ def study_volumes(pred: pd.DataFrame, meta: pd.DataFrame, true: pd.DataFrame | N
     table = df.groupby(STUDY, sort=True).agg(**{k: v for k, v in agg.items() if k.startswith("n_")})
     # Images at one position hold the same tissue: their mean is that slab's volume (both predicted and true).
     slabs = df.groupby([STUDY, "level"]).agg(**{k: (v[0], "mean") for k, v in agg.items() if k.endswith("_mm3")})
-    table = table.join(slabs.groupby(level=STUDY).sum()).reset_index()
+    table = table.join(slabs.groupby(level=STUDY).sum()).join(df.groupby(STUDY)[types].max().astype(int))
+    table = table.reset_index()
     table["n_positive_slices"] = table["n_positive_slices"].astype(int)
     table["pred_volume_ml"] = table["pred_volume_mm3"] / MM3_PER_ML
     if true is not None:
@@ -120,4 +123,19 @@ def volume_summary(table: pd.DataFrame, n_boot: int = VOLUME_N_BOOT) -> dict:
         "median_pred_ml_negative_studies": float(neg["pred_volume_ml"].median()) if len(neg) else float("nan"),
     })
     out.update(bootstrap_volume_ci(pos, n_boot) if n_boot else {})
-    return {k: _json_safe(v) for k, v in out.items()}
+    out = {k: _json_safe(v) for k, v in out.items()}
+    if by_type := error_by_type(pos):
+        out["by_type"] = by_type
+    return out
+
+
+def error_by_type(pos: pd.DataFrame) -> dict:
+    """{type: studies, MdAPE, median true mL} over the positive studies that have that hemorrhage type (a study with
+    two types counts in both): where the volume error lives, e.g. thin subarachnoid blood against subdural crescents."""
+    out = {}
+    for kind in [t for t in SUBTYPES if t in pos]:
+        has = pos[pos[kind] > 0]
+        if len(has):
+            out[kind] = {"n_studies": len(has), "mdape_percent": float(has["abs_pct_error"].median()),
+                         "median_true_ml": float(has["true_volume_ml"].median())}
+    return out

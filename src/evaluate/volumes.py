@@ -95,9 +95,13 @@ def run_volumes(pred: Path, data_dir: Path | None = None) -> dict:
         title = f"{pred.parent.name}/{pred.name}" if tag else pred.name
         plot_volume_scatter(vols, out_dir / f"volume_scatter{tag}.png", f"{title}\n{summary_line(summary)}")
         print(summary_line(summary))
+        if by_type := summary.get("by_type"):
+            print("by type: " + "; ".join(f"{kind} MdAPE {v['mdape_percent']:.0f}% over {v['n_studies']} studies "
+                                          f"(median {v['median_true_ml']:.1f} mL)" for kind, v in by_type.items()))
     else:
         print(f"note: {true_csv} not found; no true volumes, no error or scatter plot")
-    print(", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()))
+    print(", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()
+                    if k != "by_type"))
     print(f"wrote {out_dir}")
     return summary
 
