@@ -85,6 +85,8 @@ RECIPES: tuple[Recipe, ...] = (
            "same minutes)", ("masks=none", "seg_epochs=0", "head_epochs=0", "joint_epochs=7")),
     Recipe("nomask-lambda", "nomask with a lighter weak term in the joint epochs (lambda 0.25 instead of 0.5)",
            ("masks=none", "joint_lambda=0.25")),
+    Recipe("nomask-lambda-refine", "nomask with both: the lighter weak term and pseudo-masks (five folds: the best "
+           "weak run; configs/real_rsna_bloodnet.yaml)", ("masks=none", "joint_lambda=0.25", "weak_refine=true")),
     Recipe("fullres", "the default with one more decoder block at the input's size, reading the image",
            ("seg_full_res=true",)),
     Recipe("classifier-96px", "plain timm classifier at the default's size and context, 8 epochs (BloodNet's 3 "
