@@ -51,7 +51,8 @@ SOFT_FLOORS: tuple[float, ...] = (0.0, 0.1, 0.3, 0.5)
 def readout_volumes(model: nn.Module, images: torch.Tensor, voxel_mm3: torch.Tensor,
                     cutoffs: Sequence[float] = CUTOFFS, soft_floors: Sequence[float] = SOFT_FLOORS
                     ) -> dict[str, np.ndarray]:
-    """Per-slice volume (mm³) of one batch under every read-out; images [B, C, S, S], voxel_mm3 [B]."""
+    """Per-slice volume (mm³) of one batch under every read-out; images [B, C, S, S] and voxel_mm3 [B] on the
+    model's device."""
     views = []
     for flipped in (False, True):
         x = torch.flip(images, dims=[-1]) if flipped else images
@@ -61,12 +62,12 @@ def readout_volumes(model: nn.Module, images: torch.Tensor, voxel_mm3: torch.Ten
     deployed_cut = float(getattr(model, "volume_cutoff", 0.5))
 
     def count(mask: torch.Tensor) -> np.ndarray:
-        return (mask.sum(dim=(1, 2, 3)).float() * voxel).numpy()
+        return (mask.sum(dim=(1, 2, 3)).float() * voxel).cpu().numpy()
 
     out = {"deployed": (count(views[0] >= deployed_cut) + count(views[1] >= deployed_cut)) / 2}
     mean = (views[0] + views[1]) / 2
     out.update({f"hard@{c:g}": count(mean >= c) for c in cutoffs})
-    out.update({f"soft@{c:g}": ((mean * (mean >= c)).sum(dim=(1, 2, 3)) * voxel).numpy() for c in soft_floors})
+    out.update({f"soft@{c:g}": ((mean * (mean >= c)).sum(dim=(1, 2, 3)) * voxel).cpu().numpy() for c in soft_floors})
     return out
 
 
@@ -88,6 +89,8 @@ def fold_readouts(exp: str, fold: int, data_dir: Path, batch_size: int = 64) -> 
     from src.data.folds import load_folds
 
     model, cfg = deployed_model(exp, fold)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device)
     meta, images, masks = load_cache(data_dir, cfg.image_size, "train", fmt=cfg.cache_format)
     folds = load_folds(data_dir, cfg.n_folds, cfg.fold_seed)
     meta = meta.merge(folds[[ID_COL, FOLD_COL]], on=ID_COL, how="inner", validate="one_to_one")
@@ -97,8 +100,8 @@ def fold_readouts(exp: str, fold: int, data_dir: Path, batch_size: int = 64) -> 
     loader = torch.utils.data.DataLoader(SliceDataset(valid, images, cfg.context, masks), batch_size=batch_size)
     parts: dict[str, list[np.ndarray]] = {}
     for batch in tqdm(loader, desc=f"{exp} fold {fold}", leave=False):
-        for name, values in readout_volumes(model, to_input(batch["image"], torch.device("cpu"), False),
-                                            batch["voxel_mm3"]).items():
+        for name, values in readout_volumes(model, to_input(batch["image"], device, False),
+                                            batch["voxel_mm3"].to(device)).items():
             parts.setdefault(name, []).append(values)
     return pd.DataFrame({ID_COL: valid[ID_COL].to_numpy(), FOLD_COL: fold}
                         | {name: np.concatenate(v) for name, v in parts.items()})

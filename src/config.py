@@ -129,8 +129,9 @@ class Config:
     seg_epochs: int = 3  # step 1: lambda = 1, segmentation only (balanced epochs: each ~2/5 of a full one)
     head_epochs: int = 1  # step 2: lambda = 0, everything frozen but the final classification layer
     joint_epochs: int = 6  # step 3: lambda = joint_lambda, end to end
-    # step 3's weight of the map's loss. 0.5 is the paper's and what was measured with masks; in the weak mode 0.25
-    # classified better over five folds (log loss 0.185 vs 0.189 with weak_refine): configs/real_rsna_bloodnet.yaml
+    # step 3's weight of the map's loss. 0.5 is the paper's and what was measured with masks. In the weak mode with
+    # weak_refine, 0.25 classified better over five folds (log loss 0.185 vs 0.189 at 0.5):
+    # configs/real_rsna_bloodnet.yaml sets it
     joint_lambda: float = 0.5
     # BloodNet segmentation supervision
     masks: str = "auto"  # full: painted masks | none: weak (slice labels through the pooled map) | auto: full if any
