@@ -53,18 +53,18 @@ def readout_volumes(model: nn.Module, images: torch.Tensor, voxel_mm3: torch.Ten
                     ) -> dict[str, np.ndarray]:
     """Per-slice volume (mm³) of one batch under every read-out; images [B, C, S, S] and voxel_mm3 [B] on the
     model's device."""
-    views = []
+    views, deployed = [], []
     for flipped in (False, True):
-        x = torch.flip(images, dims=[-1]) if flipped else images
-        prob = torch.sigmoid(model(x, voxel_mm3)["seg_logits"].float())
+        out = model(torch.flip(images, dims=[-1]) if flipped else images, voxel_mm3)
+        deployed.append(out["mask_volume_mm3"])  # the model's own rule, as predict.py averages it over the views
+        prob = torch.sigmoid(out["seg_logits"].float())
         views.append(torch.flip(prob, dims=[-1]) if flipped else prob)
     voxel = voxel_mm3.float()
-    deployed_cut = float(getattr(model, "volume_cutoff", 0.5))
 
     def count(mask: torch.Tensor) -> np.ndarray:
         return (mask.sum(dim=(1, 2, 3)).float() * voxel).cpu().numpy()
 
-    out = {"deployed": (count(views[0] >= deployed_cut) + count(views[1] >= deployed_cut)) / 2}
+    out = {"deployed": ((deployed[0] + deployed[1]) / 2).float().cpu().numpy()}
     mean = (views[0] + views[1]) / 2
     out.update({f"hard@{c:g}": count(mean >= c) for c in cutoffs})
     out.update({f"soft@{c:g}": ((mean * (mean >= c)).sum(dim=(1, 2, 3)) * voxel).cpu().numpy() for c in soft_floors})

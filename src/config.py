@@ -85,11 +85,13 @@ SEGMENTATION_ONLY_KEYS: frozenset[str] = frozenset({
     "seg_epochs", "head_epochs", "joint_epochs", "joint_lambda", "masks", "seg_loss", "weak_pool_r", "weak_refine",
     "seg_balance", "seg_hard_negatives", "seg_full_res", "hu_prior"})
 
-
-def unused_keys(arch: str) -> frozenset[str]:
-    return SEGMENTATION_ONLY_KEYS if arch == "classifier" else frozenset({"epochs"})
 # The readable part of a derived experiment name; they are spelled out there, so the hash leaves them out.
 NAME_KEYS: tuple[str, ...] = ("arch", "backbone", "image_size", "context")
+
+
+def unused_keys(arch: str) -> frozenset[str]:
+    """Config keys this arch never reads (a classifier: BloodNet's; BloodNet: the plain schedule's `epochs`)."""
+    return SEGMENTATION_ONLY_KEYS if arch == "classifier" else frozenset({"epochs"})
 
 
 @dataclass

@@ -21,7 +21,8 @@ spec.loader.exec_module(volume_readout)
 
 class FixedMap(nn.Module):
     """A 'model' whose seg probability is a fixed 2x4 map, read in image coordinates, whatever it is shown: a flipped
-    input therefore sees the map mirrored once flipped back, which is what makes the two views disagree."""
+    input therefore sees the map mirrored once flipped back, which is what makes the two views disagree. Its
+    mask_volume_mm3 follows BloodNet's rule (pixels at p >= volume_cutoff, times the voxel volume)."""
 
     def __init__(self, prob: torch.Tensor, cutoff: float = 0.5):
         super().__init__()
@@ -29,7 +30,9 @@ class FixedMap(nn.Module):
         self.volume_cutoff = cutoff
 
     def forward(self, image, voxel_mm3):
-        return {"seg_logits": self.logits.expand(len(image), 1, *self.logits.shape)}
+        logits = self.logits.expand(len(image), 1, *self.logits.shape)
+        count = (torch.sigmoid(logits) >= self.volume_cutoff).sum(dim=(1, 2, 3)).float()
+        return {"seg_logits": logits, "mask_volume_mm3": count * voxel_mm3.float()}
 
 
 def test_readouts_of_a_known_map():
