@@ -87,6 +87,8 @@ RECIPES: tuple[Recipe, ...] = (
            ("masks=none", "joint_lambda=0.25")),
     Recipe("nomask-lambda-refine", "nomask with both: the lighter weak term and pseudo-masks (five folds: the best "
            "weak run; configs/real_rsna_bloodnet.yaml)", ("masks=none", "joint_lambda=0.25", "weak_refine=true")),
+    Recipe("volume-nograd", "the default with the volume feature's gradient stopped: only the pixel loss shapes "
+           "the map", ("volume_feature_grad=false",)),
     Recipe("fullres", "the default with one more decoder block at the input's size, reading the image",
            ("seg_full_res=true",)),
     Recipe("classifier-96px", "plain timm classifier at the default's size and context, 8 epochs (BloodNet's 3 "

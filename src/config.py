@@ -83,7 +83,7 @@ SELECT_EPOCH = ("last", "valid")
 # reads: a checkpoint is not refused over them (a classifier trained before a BloodNet default changed still resumes).
 SEGMENTATION_ONLY_KEYS: frozenset[str] = frozenset({
     "seg_epochs", "head_epochs", "joint_epochs", "joint_lambda", "masks", "seg_loss", "weak_pool_r", "weak_refine",
-    "seg_balance", "seg_hard_negatives", "seg_full_res", "hu_prior"})
+    "seg_balance", "seg_hard_negatives", "seg_full_res", "hu_prior", "volume_feature_grad"})
 
 # The readable part of a derived experiment name; they are spelled out there, so the hash leaves them out.
 NAME_KEYS: tuple[str, ...] = ("arch", "backbone", "image_size", "context")
@@ -149,6 +149,10 @@ class Config:
     # features are at 1/2, and a map there, upsampled, cannot separate blood from its surround closer than ~2 px
     seg_full_res: bool = False
     hu_prior: bool = False  # gate the blood map by a soft acute-blood Hounsfield range (constants.BLOOD_HU)
+    # false: the head reads the volume feature without passing its gradient back into the map, so only the pixel
+    # loss shapes the map. true (the paper's, end to end): the classification loss can lower itself by painting
+    # blood on slices it believes positive, wherever on the slice, which inflates the volume it reports
+    volume_feature_grad: bool = True
     # seg_balance's negatives: 0 = uniform; h in (0, 1] = drawn with weight (1 - h)/n + h x (share of the slice's
     # hyperdense pixels, constants.HYPERDENSE_HU): the falx, sinuses, vessels and skull edges the map mistakes for blood
     seg_hard_negatives: float = 0.0

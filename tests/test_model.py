@@ -75,3 +75,18 @@ def test_full_resolution_block_draws_what_a_half_resolution_map_cannot(one_torch
     half, full = fit_one_pixel_lines(full_res=False), fit_one_pixel_lines(full_res=True)
     assert full > 0.95, full
     assert half < 0.8, half
+
+
+@pytest.mark.parametrize("grad", [True, False])
+def test_volume_feature_gradient_reaches_the_map_only_when_asked(grad):
+    """volume_feature_grad=false: the classification loss cannot move the map (its only way in is the volume
+    feature), yet the head still reads the volume; true (the paper's): it can."""
+    torch.manual_seed(0)
+    cfg = load_config(None, ["arch=bloodnet", "backbone=resnet10t", "context=0", f"volume_feature_grad={grad}"])
+    model = build_model(cfg).train()
+    out = model(torch.rand(2, cfg.in_chans, 32, 32), torch.full((2,), 2.5))
+    torch.nn.functional.binary_cross_entropy_with_logits(out["logits"], torch.ones_like(out["logits"])).backward()
+    seg_head_grad = model.seg_head.weight.grad
+    reaches_map = seg_head_grad is not None and bool(seg_head_grad.abs().sum() > 0)
+    assert reaches_map == grad
+    assert model.head.weight.grad[:, -1].abs().sum() > 0  # the volume column of the head still learns

@@ -108,6 +108,7 @@ class SegClassifier(nn.Module):
         self.seg_head = nn.Conv2d(in_channels, 1, kernel_size=1)
         self.dropout = nn.Dropout(cfg.drop_rate)
         self.head = nn.Linear(channels[-1] + int(self.use_volume), len(LABELS))
+        self.volume_feature_grad = cfg.volume_feature_grad
         self.volume_cutoff = MASK_CUTOFF  # a checkpoint's calibrated value replaces it (checkpoints.deploy)
 
     def head_parameters(self) -> list[nn.Parameter]:
@@ -136,7 +137,8 @@ class SegClassifier(nn.Module):
         if self.use_volume:
             if voxel_mm3 is None:
                 raise ValueError("bloodnet needs voxel_mm3 to turn the predicted mask into a volume")
-            volume_feature = torch.log1p(out["volume_mm3"] / VOLUME_SCALE_MM3).unsqueeze(1).to(embedding.dtype)
+            volume = out["volume_mm3"] if self.volume_feature_grad else out["volume_mm3"].detach()
+            volume_feature = torch.log1p(volume / VOLUME_SCALE_MM3).unsqueeze(1).to(embedding.dtype)
             head_input = torch.cat([head_input, volume_feature], dim=1)
         out["logits"] = self.head(head_input)
         return out
