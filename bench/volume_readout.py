@@ -13,6 +13,11 @@ views. The read-outs:
 For each: MdAPE and Spearman of the study volume over positive studies, pooled and per fold, and the median false
 blood on negative studies. Writes work/bench/volume_readout_EXP.{csv,md} (the table) and _slices.csv (per slice).
 
+Where the deployed volume's error sits: each slice's deployed mask against its painted one, split into true blood
+found, blood missed, false blood at a bleed's edge (within NEAR_PX pixels of painted blood: a halo, the bleed drawn
+too wide) and false blood away from any bleed (mimics: falx, sinuses, the skull's inner table). Per slice type and
+per positive study, small and large bleeds apart: work/bench/volume_readout_EXP_errors.{csv,md}.
+
 This is a diagnostic, not a tuner: picking the read-out that scores best on these rows and quoting its score would
 choose on the rows it scores. What it answers is whether any read-out of today's maps reaches a goal; if none
 does, the error is in the maps.
@@ -30,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np
 import pandas as pd
 import torch
+import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
@@ -37,28 +43,57 @@ from src import paths
 from src.atomic import write_csv, write_text
 from src.cnn.checkpoints import load_model
 from src.cnn.predict import to_input
-from src.cnn.study_volumes import study_volumes, volume_summary
+from src.cnn.study_volumes import MM3_PER_ML, study_volumes, volume_summary
 from src.config import Config
-from src.constants import FOLD_COL, ID_COL, VOLUME_COL
+from src.constants import FOLD_COL, ID_COL, STUDY, VOLUME_COL
 from src.errors import InputError, run_cli
 from src.markdown import markdown_table
 
 CUTOFFS: tuple[float, ...] = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
 SOFT_FLOORS: tuple[float, ...] = (0.0, 0.1, 0.3, 0.5)
+NEAR_PX = 2  # false blood this close to painted blood is the bleed's edge drawn too wide, not a mimic
+ERROR_PARTS: tuple[str, ...] = ("found", "missed", "false_edge", "false_far")
 
 
 @torch.inference_mode()
-def readout_volumes(model: nn.Module, images: torch.Tensor, voxel_mm3: torch.Tensor,
-                    cutoffs: Sequence[float] = CUTOFFS, soft_floors: Sequence[float] = SOFT_FLOORS
-                    ) -> dict[str, np.ndarray]:
-    """Per-slice volume (mm³) of one batch under every read-out; images [B, C, S, S] and voxel_mm3 [B] on the
-    model's device."""
+def flip_views(model: nn.Module, images: torch.Tensor, voxel_mm3: torch.Tensor
+               ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Both flip views of one batch: the model's own deployed volume per view and its probability map, flipped back
+    into image coordinates."""
     views, deployed = [], []
     for flipped in (False, True):
         out = model(torch.flip(images, dims=[-1]) if flipped else images, voxel_mm3)
         deployed.append(out["mask_volume_mm3"])  # the model's own rule, as predict.py averages it over the views
         prob = torch.sigmoid(out["seg_logits"].float())
         views.append(torch.flip(prob, dims=[-1]) if flipped else prob)
+    return deployed, views
+
+
+@torch.inference_mode()
+def error_parts(views: list[torch.Tensor], cutoff: float, masks: torch.Tensor, known: torch.Tensor,
+                voxel_mm3: torch.Tensor) -> dict[str, np.ndarray]:
+    """Per-slice mm³ of each ERROR_PARTS entry for the deployed rule (each view at p >= cutoff, averaged over the
+    views); NaN where the slice's mask is unknown (a positive without a painted mask)."""
+    blood = masks.bool()
+    near = F.max_pool2d(blood.float(), 2 * NEAR_PX + 1, stride=1, padding=NEAR_PX) > 0
+    parts = {name: torch.zeros(len(blood), device=blood.device) for name in ERROR_PARTS}
+    for prob in views:
+        called = prob >= cutoff
+        for name, where in (("found", called & blood), ("missed", ~called & blood),
+                            ("false_edge", called & ~blood & near), ("false_far", called & ~near)):
+            parts[name] += where.sum(dim=(1, 2, 3)).float() / len(views)
+    unknown = ~known.bool()
+    return {name: (v * voxel_mm3.float()).masked_fill(unknown, float("nan")).cpu().numpy()
+            for name, v in parts.items()}
+
+
+@torch.inference_mode()
+def readout_volumes(model: nn.Module, images: torch.Tensor, voxel_mm3: torch.Tensor,
+                    cutoffs: Sequence[float] = CUTOFFS, soft_floors: Sequence[float] = SOFT_FLOORS,
+                    views: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None) -> dict[str, np.ndarray]:
+    """Per-slice volume (mm³) of one batch under every read-out; images [B, C, S, S] and voxel_mm3 [B] on the
+    model's device (`views`: flip_views' result, when already computed)."""
+    deployed, views = views or flip_views(model, images, voxel_mm3)
     voxel = voxel_mm3.float()
 
     def count(mask: torch.Tensor) -> np.ndarray:
@@ -100,8 +135,11 @@ def fold_readouts(exp: str, fold: int, data_dir: Path, batch_size: int = 64) -> 
     loader = torch.utils.data.DataLoader(SliceDataset(valid, images, cfg.context, masks), batch_size=batch_size)
     parts: dict[str, list[np.ndarray]] = {}
     for batch in tqdm(loader, desc=f"{exp} fold {fold}", leave=False):
-        for name, values in readout_volumes(model, to_input(batch["image"], device, False),
-                                            batch["voxel_mm3"].to(device)).items():
+        images, voxel = to_input(batch["image"], device, False), batch["voxel_mm3"].to(device)
+        views = flip_views(model, images, voxel)
+        errors = error_parts(views[1], model.volume_cutoff, batch["mask"].to(device), batch["mask_state"] >= 0,
+                             voxel)
+        for name, values in (readout_volumes(model, images, voxel, views=views) | errors).items():
             parts.setdefault(name, []).append(values)
     return pd.DataFrame({ID_COL: valid[ID_COL].to_numpy(), FOLD_COL: fold}
                         | {name: np.concatenate(v) for name, v in parts.items()})
@@ -121,6 +159,33 @@ def readout_table(slices: pd.DataFrame, meta: pd.DataFrame, true: pd.DataFrame) 
         for fold, part in slices.groupby(FOLD_COL):
             row[f"fold{fold}_mdape_pct"] = summary(part, readout)["mdape_percent"]
         rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def error_table(slices: pd.DataFrame, meta: pd.DataFrame, true: pd.DataFrame) -> pd.DataFrame:
+    """Where the deployed volume's error sits (ERROR_PARTS, in mL): mean per slice over negative and positive
+    slices with a known mask, then the median per positive study, bleeds below and at or above the median true
+    volume apart. A study's part counts each slice position once, as its volume does."""
+    known = slices.dropna(subset=list(ERROR_PARTS))
+    labels = meta.set_index(ID_COL)["any"]
+    rows = []
+    for name, positive in (("negative slices, mean per slice", False), ("positive slices, mean per slice", True)):
+        part = known[(labels.reindex(known[ID_COL]).to_numpy() > 0) == positive]
+        rows.append({"rows": name, "n": len(part), "true_ml": np.nan}
+                    | {p: part[p].mean() / MM3_PER_ML for p in ERROR_PARTS})
+    studies = None
+    for p in ERROR_PARTS:
+        per_study = study_volumes(known[[ID_COL]].assign(**{VOLUME_COL: known[p].to_numpy()}), meta, true)
+        if studies is None:
+            studies = per_study[[STUDY, "true_volume_ml"]].copy()
+        studies[p] = per_study["pred_volume_ml"].to_numpy()
+    positive = studies[studies["true_volume_ml"] > 0]
+    middle = positive["true_volume_ml"].median()
+    small = positive["true_volume_ml"] < middle
+    for name, part in ((f"positive studies under {middle:.1f} mL, median", positive[small]),
+                       (f"positive studies from {middle:.1f} mL, median", positive[~small])):
+        rows.append({"rows": name, "n": len(part), "true_ml": part["true_volume_ml"].median()}
+                    | {p: part[p].median() for p in ERROR_PARTS})
     return pd.DataFrame(rows)
 
 
@@ -151,7 +216,17 @@ def main(argv: list[str] | None = None) -> int:
             + markdown_table(shown))
     write_text(text, out.with_suffix(".md"))
     print(markdown_table(shown), end="")
-    print(f"wrote {out}.csv, .md and _slices.csv")
+    errors = error_table(slices, load_metadata(data_dir, "train"), pd.read_csv(true_csv, dtype={ID_COL: str}))
+    errors_out = out.with_name(out.name + "_errors")
+    write_csv(errors, errors_out.with_suffix(".csv"))
+    shown = errors.round(2)
+    text = (f"# Where the deployed volume's error sits: {args.exp}, folds {' '.join(map(str, args.folds))}\n\n"
+            f"mL. found / missed: painted blood the mask calls / misses; false_edge: false blood within {NEAR_PX} "
+            "px of painted blood (the bleed drawn too wide); false_far: false blood away from any bleed (mimics)."
+            "\n\n" + markdown_table(shown))
+    write_text(text, errors_out.with_suffix(".md"))
+    print(markdown_table(shown), end="")
+    print(f"wrote {out}.csv, .md, _slices.csv and _errors.csv, .md")
     return 0
 
 

@@ -56,6 +56,52 @@ def test_readouts_of_a_known_map():
                                                               torch.tensor([1.0]))["deployed"], [2.0])
 
 
+def test_error_parts_split_the_deployed_mask():
+    """A painted 2x2 bleed; view 1 calls it plus one pixel beside it and one far away, view 2 (its own map) only
+    half the bleed: found/missed/edge/far are each view's pixel counts averaged, times the voxel volume."""
+    blood = torch.zeros(2, 1, 8, 8)
+    blood[0, 0, 2:4, 2:4] = 1
+    first, second = torch.zeros(2, 1, 8, 8), torch.zeros(2, 1, 8, 8)
+    first[0, 0, 2:4, 2:4] = 0.9
+    first[0, 0, 2, 5] = 0.7  # two columns right of the bleed: within NEAR_PX, its edge drawn too wide
+    first[0, 0, 7, 7] = 0.6  # far from it: a mimic
+    second[0, 0, 2, 2:4] = 0.8
+    first[1, 0, 0, 0] = 0.99  # slice 1: no mask known, so no parts
+    parts = volume_readout.error_parts([first, second], 0.5, blood, torch.tensor([True, False]),
+                                       torch.tensor([10.0, 10.0]))
+    assert volume_readout.NEAR_PX >= 2
+    assert parts["found"][0] == pytest.approx((4 + 2) / 2 * 10)
+    assert parts["missed"][0] == pytest.approx((0 + 2) / 2 * 10)
+    assert parts["false_edge"][0] == pytest.approx((1 + 0) / 2 * 10)
+    assert parts["false_far"][0] == pytest.approx((1 + 0) / 2 * 10)
+    assert all(np.isnan(parts[p][1]) for p in volume_readout.ERROR_PARTS)
+    # A cutoff above every value calls nothing: all painted blood is missed.
+    none_called = volume_readout.error_parts([first, second], 0.995, blood, torch.tensor([True, True]),
+                                             torch.tensor([10.0, 10.0]))
+    assert none_called["missed"][0] == pytest.approx(40.0) and none_called["found"][0] == 0
+
+
+def test_error_table_by_slice_type_and_bleed_size():
+    # Studies A (1 mL true, small) and B (10 mL true, large) positive, C negative; parts in mm³ per slice.
+    study = ["A", "A", "B", "B", "C"]
+    meta = pd.DataFrame({ID_COL: ["a1", "a2", "b1", "b2", "c1"], STUDY: study, **{k: study for k in SERIES_KEYS},
+                         "position": [0.0, 5.0, 0.0, 5.0, 0.0], "any": [1, 0, 1, 1, 0]})
+    true = pd.DataFrame({ID_COL: meta[ID_COL], VOLUME_COL: [1000.0, 0.0, 6000.0, 4000.0, 0.0]})
+    slices = pd.DataFrame({ID_COL: meta[ID_COL], FOLD_COL: 0,
+                           "found": [500.0, 0, 5000, 4000, 0], "missed": [500.0, 0, 1000, 0, 0],
+                           "false_edge": [2000.0, 0, 0, 0, 0], "false_far": [0.0, 300, 0, 0, 100]})
+    table = volume_readout.error_table(slices, meta, true).set_index("rows")
+    negative = table.loc["negative slices, mean per slice"]
+    assert negative["n"] == 2 and negative["false_far"] == pytest.approx(0.2)  # (300 + 100) / 2 mm³ in mL
+    positive = table.loc["positive slices, mean per slice"]
+    assert positive["n"] == 3 and positive["false_edge"] == pytest.approx(2000 / 3 / 1000)
+    small = table.loc[[r for r in table.index if r.startswith("positive studies under")][0]]
+    assert small["n"] == 1 and small["true_ml"] == pytest.approx(1.0)
+    assert small["false_edge"] == pytest.approx(2.0) and small["false_far"] == pytest.approx(0.3)
+    large = table.loc[[r for r in table.index if r.startswith("positive studies from")][0]]
+    assert large["found"] == pytest.approx(9.0) and large["missed"] == pytest.approx(1.0)
+
+
 def test_readout_table_scores_each_readout():
     study = ["A", "A", "B", "B", "C"]
     meta = pd.DataFrame({ID_COL: ["a1", "a2", "b1", "b2", "c1"], STUDY: study, **{k: study for k in SERIES_KEYS},
@@ -101,3 +147,10 @@ def test_deployed_readout_is_what_the_oof_holds(tiny_data):
     table = pd.read_csv(out.with_suffix(".csv"))
     assert {"deployed", "hard@0.5", "soft@0"} <= set(table["readout"]) and "fold0_mdape_pct" in table
     assert out.with_suffix(".md").read_text().startswith("# Volume read-outs of t_readout")
+    # The error parts add up to the deployed volume on every slice with a known mask.
+    known = slices.dropna(subset=list(volume_readout.ERROR_PARTS))
+    assert len(known) > 0
+    np.testing.assert_allclose(known["found"] + known["false_edge"] + known["false_far"], known["deployed"],
+                               rtol=1e-4, atol=1e-3)
+    errors = pd.read_csv(out.with_name(out.name + "_errors.csv"))
+    assert errors["rows"].str.startswith("positive studies").sum() == 2
