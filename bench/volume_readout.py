@@ -152,7 +152,7 @@ def readout_table(slices: pd.DataFrame, meta: pd.DataFrame, true: pd.DataFrame) 
         return volume_summary(study_volumes(pred, meta, true), n_boot=0)
 
     rows = []
-    for readout in [c for c in slices.columns if c not in (ID_COL, FOLD_COL)]:
+    for readout in [c for c in slices.columns if c not in (ID_COL, FOLD_COL, *ERROR_PARTS)]:
         pooled = summary(slices, readout)
         row = {"readout": readout, "mdape_pct": pooled["mdape_percent"], "spearman": pooled["spearman_positive"],
                "false_blood_negative_ml": pooled["median_pred_ml_negative_studies"]}
@@ -213,9 +213,9 @@ def main(argv: list[str] | None = None) -> int:
     text = (f"# Volume read-outs of {args.exp}, folds {' '.join(map(str, args.folds))}\n\n"
             f"Study volumes from {len(slices)} validation slices: MdAPE (%) and Spearman over positive studies, "
             "pooled and per fold; median false blood on negative studies (mL). deployed = what the OOF holds.\n\n"
-            + markdown_table(shown))
+            + markdown_table(shown, digits=2))
     write_text(text, out.with_suffix(".md"))
-    print(markdown_table(shown), end="")
+    print(markdown_table(shown, digits=2), end="")
     errors = error_table(slices, load_metadata(data_dir, "train"), pd.read_csv(true_csv, dtype={ID_COL: str}))
     errors_out = out.with_name(out.name + "_errors")
     write_csv(errors, errors_out.with_suffix(".csv"))
@@ -223,9 +223,9 @@ def main(argv: list[str] | None = None) -> int:
     text = (f"# Where the deployed volume's error sits: {args.exp}, folds {' '.join(map(str, args.folds))}\n\n"
             f"mL. found / missed: painted blood the mask calls / misses; false_edge: false blood within {NEAR_PX} "
             "px of painted blood (the bleed drawn too wide); false_far: false blood away from any bleed (mimics)."
-            "\n\n" + markdown_table(shown))
+            "\n\n" + markdown_table(shown, digits=2))
     write_text(text, errors_out.with_suffix(".md"))
-    print(markdown_table(shown), end="")
+    print(markdown_table(shown, digits=2), end="")
     print(f"wrote {out}.csv, .md, _slices.csv and _errors.csv, .md")
     return 0
 

@@ -146,6 +146,7 @@ def test_deployed_readout_is_what_the_oof_holds(tiny_data):
     np.testing.assert_allclose(slices.loc[oof.index, "deployed"], oof[VOLUME_COL], rtol=1e-4, atol=1e-3)
     table = pd.read_csv(out.with_suffix(".csv"))
     assert {"deployed", "hard@0.5", "soft@0"} <= set(table["readout"]) and "fold0_mdape_pct" in table
+    assert not set(volume_readout.ERROR_PARTS) & set(table["readout"])  # parts of the error are not read-outs
     assert out.with_suffix(".md").read_text().startswith("# Volume read-outs of t_readout")
     # The error parts add up to the deployed volume on every slice with a known mask.
     known = slices.dropna(subset=list(volume_readout.ERROR_PARTS))
