@@ -95,10 +95,10 @@ def test_error_table_by_slice_type_and_bleed_size():
     assert negative["n"] == 2 and negative["false_far"] == pytest.approx(0.2)  # (300 + 100) / 2 mm³ in mL
     positive = table.loc["positive slices, mean per slice"]
     assert positive["n"] == 3 and positive["false_edge"] == pytest.approx(2000 / 3 / 1000)
-    small = table.loc[[r for r in table.index if r.startswith("positive studies under")][0]]
+    small = table.loc[next(r for r in table.index if r.startswith("positive studies under"))]
     assert small["n"] == 1 and small["true_ml"] == pytest.approx(1.0)
     assert small["false_edge"] == pytest.approx(2.0) and small["false_far"] == pytest.approx(0.3)
-    large = table.loc[[r for r in table.index if r.startswith("positive studies from")][0]]
+    large = table.loc[next(r for r in table.index if r.startswith("positive studies from"))]
     assert large["found"] == pytest.approx(9.0) and large["missed"] == pytest.approx(1.0)
 
 
