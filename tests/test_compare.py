@@ -124,3 +124,34 @@ def test_cli_writes_markdown_and_json(tmp_path, monkeypatch):
                          "--data", str(tmp_path)]) == 0
     saved = json.loads((out / "compare.json").read_text())
     assert [r["experiment"] for r in saved["scores"]] == [str(earlier), str(tmp_path / "oof" / "new")]
+
+
+def test_volumes_are_compared_when_every_experiment_has_one():
+    """Study volumes over positive studies, paired: exact volumes beat doubled ones on MdAPE in every resample and
+    tie on Spearman (a tie is not better); a classifier's OOF (no volume) drops the volume columns."""
+    from src.constants import SERIES_KEYS, VOLUME_COL
+
+    meta = _meta(n_studies=12, per_study=4)
+    meta = meta.assign(**{k: meta[STUDY] for k in SERIES_KEYS}, position=np.tile(np.arange(4) * 5.0, 12))
+    rng = np.random.default_rng(3)
+    true_mm3 = np.where(meta["any"] > 0, rng.uniform(100, 5000, len(meta)), 0.0)
+    true = pd.DataFrame({ID_COL: meta[ID_COL], VOLUME_COL: true_mm3})
+    exact = _pred(meta, 0.5, 1).assign(**{VOLUME_COL: true_mm3})
+    doubled = _pred(meta, 0.5, 1).assign(**{VOLUME_COL: 2 * true_mm3})
+    result = compare.compare({"doubled": doubled, "exact": exact}, meta, n_boot=200, true=true)
+    assert result["n_positive_volume_studies"] == 6
+    scores = {r["experiment"]: r for r in result["scores"]}
+    assert scores["doubled"]["volume_mdape_percent"] == pytest.approx(100.0)
+    assert scores["exact"]["volume_mdape_percent"] == pytest.approx(0.0)
+    assert scores["exact"]["volume_spearman"] == pytest.approx(1.0)
+    diff = result["differences"][0]
+    assert diff["volume_mdape_percent_diff"] == pytest.approx(-100.0)
+    assert diff["volume_mdape_percent_p_better"] == 1.0
+    assert diff["volume_spearman_p_better"] == 0.0
+    assert "volume_mdape_percent" in compare.as_markdown(result)
+    # Classification figures are the same with or without the volume comparison.
+    plain = compare.compare({"doubled": doubled, "exact": exact.drop(columns=VOLUME_COL)}, meta, n_boot=200,
+                            true=true)
+    assert plain["metrics"] == list(compare.METRICS) and plain["n_positive_volume_studies"] == 0
+    assert plain["scores"][0]["weighted_log_loss"] == scores["doubled"]["weighted_log_loss"]
+    assert "volume" not in compare.as_markdown(plain)

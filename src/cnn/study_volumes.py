@@ -74,7 +74,7 @@ def study_volumes(pred: pd.DataFrame, meta: pd.DataFrame, true: pd.DataFrame | N
     return table
 
 
-def _spearman(pred: np.ndarray, true: np.ndarray) -> float:
+def spearman_rho(pred: np.ndarray, true: np.ndarray) -> float:
     """Spearman's rho (Pearson on average ranks); NaN when either side is constant, as when a resample repeats one
     study. Written out because pandas' and scipy's versions warn on every such resample."""
     a, b = pd.Series(pred).rank().to_numpy(), pd.Series(true).rank().to_numpy()
@@ -97,7 +97,7 @@ def bootstrap_volume_ci(pos: pd.DataFrame, n_boot: int = VOLUME_N_BOOT, seed: in
     for _ in range(n_boot):
         pick = rng.integers(0, len(pos), len(pos))
         mdape.append(np.median(ape[pick]))
-        rho.append(_spearman(pred[pick], true[pick]))
+        rho.append(spearman_rho(pred[pick], true[pick]))
     rho = np.asarray(rho)
     rho = rho[np.isfinite(rho)]
     out = {"mdape_ci95": [float(x) for x in np.percentile(mdape, [2.5, 97.5])], "ci_n_boot": n_boot}
@@ -117,7 +117,7 @@ def volume_summary(table: pd.DataFrame, n_boot: int = VOLUME_N_BOOT) -> dict:
     out.update({
         "n_positive_studies": len(pos),
         "mdape_percent": float(pos["abs_pct_error"].median()) if len(pos) else float("nan"),
-        "spearman_positive": _spearman(pos["pred_volume_mm3"].to_numpy(), pos["true_volume_mm3"].to_numpy())
+        "spearman_positive": spearman_rho(pos["pred_volume_mm3"].to_numpy(), pos["true_volume_mm3"].to_numpy())
         if len(pos) > 1 else float("nan"),
         "n_negative_studies": len(neg),
         "median_pred_ml_negative_studies": float(neg["pred_volume_ml"].median()) if len(neg) else float("nan"),

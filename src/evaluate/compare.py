@@ -10,6 +10,9 @@ share of resamples in which it does better (a tie is not better). The resamples 
 be held out, not the training draw: two seeds of one recipe can differ "significantly" here, so compare seeds too.
 On fold 0 of the embedded default (28 studies) the intervals are wide; five folds' OOF (~140 studies) is what this
 is for.
+When every experiment predicted a blood volume (BloodNet) and the data has true volumes (painted masks), the same
+paired resampling, over the positive studies, compares the study volumes as `python -m src.evaluate.volumes` scores
+them: median absolute percentage error and Spearman, and each one's difference from the first with its P(better).
 Writes <out>/compare.{md,json} (default out: oof/compare/).
 """
 
@@ -22,18 +25,21 @@ import numpy as np
 import pandas as pd
 
 from src.atomic import write_json, write_text
-from src.constants import ID_COL, LABELS, STUDY
+from src.cnn.study_volumes import spearman_rho, study_volumes
+from src.constants import ID_COL, LABELS, STUDY, VOLUME_COL
 from src.errors import InputError, run_cli
 from src.evaluate.crossfit import study_weights
 from src.markdown import markdown_table
 from src.metric import auc_from_ranks, group_weighted_aucs, per_row_weighted_log_loss
-from src.paths import OOF_DIR, resolve_data_dir
+from src.paths import OOF_DIR, TRUE_VOLUMES_CSV, resolve_data_dir
 from src.predictions import load_valid_predictions
 
 ANY = "any"
 ANY_COL = LABELS.index(ANY)
 METRICS = ("weighted_log_loss", "slice_auc_any", "study_auc_any")
-LOWER_IS_BETTER = {"weighted_log_loss": True, "slice_auc_any": False, "study_auc_any": False}
+VOLUME_METRICS = ("volume_mdape_percent", "volume_spearman")
+LOWER_IS_BETTER = {"weighted_log_loss": True, "slice_auc_any": False, "study_auc_any": False,
+                   "volume_mdape_percent": True, "volume_spearman": False}
 
 
 def common_rows(preds: dict[str, pd.DataFrame], meta: pd.DataFrame) -> pd.DataFrame:
@@ -76,22 +82,55 @@ def bootstrap_scores(frame: pd.DataFrame, names: list[str], n_boot: int, seed: i
     return out
 
 
+def bootstrap_volumes(preds: dict[str, pd.DataFrame], ids: pd.Series, meta: pd.DataFrame, true: pd.DataFrame,
+                      n_boot: int, seed: int) -> tuple[dict[str, dict], int]:
+    """{exp: {metric: (point, [n_boot] resampled values)}} for the study volume over positive studies (the same
+    studies, resampled the same way, for every experiment), and how many positive studies there are."""
+    per_exp = {}
+    for name, df in preds.items():
+        rows = df[df[ID_COL].isin(ids)]
+        per_exp[name] = study_volumes(rows[[ID_COL, VOLUME_COL]], meta, true).set_index(STUDY).sort_index()
+    first = next(iter(per_exp.values()))
+    positive = first.index[first["true_volume_mm3"] > 0]
+    true_mm3 = first.loc[positive, "true_volume_mm3"].to_numpy(np.float64)
+    picks = np.random.default_rng(seed).integers(0, len(positive), (n_boot, len(positive)))
+    out = {}
+    for name, table in per_exp.items():
+        pred = table.loc[positive, "pred_volume_mm3"].to_numpy(np.float64)
+        ape = np.abs(pred - true_mm3) / true_mm3 * 100.0
+        out[name] = {
+            "volume_mdape_percent": (float(np.median(ape)), np.median(ape[picks], axis=1)),
+            "volume_spearman": (spearman_rho(pred, true_mm3),
+                                np.array([spearman_rho(pred[p], true_mm3[p]) for p in picks])),
+        }
+    return out, len(positive)
+
+
 def interval(values: np.ndarray) -> tuple[float, float]:
     finite = values[np.isfinite(values)]
     return tuple(float(x) for x in np.percentile(finite, [2.5, 97.5])) if len(finite) else (np.nan, np.nan)
 
 
-def compare(preds: dict[str, pd.DataFrame], meta: pd.DataFrame, n_boot: int = 1000, seed: int = 0) -> dict:
-    """Scores with intervals per experiment, and each one's difference from the first (see the module doc)."""
+def compare(preds: dict[str, pd.DataFrame], meta: pd.DataFrame, n_boot: int = 1000, seed: int = 0,
+            true: pd.DataFrame | None = None) -> dict:
+    """Scores with intervals per experiment, and each one's difference from the first (see the module doc); the
+    volume figures too when `true` (ID + true volume) is given and every experiment predicted a volume."""
     if len(preds) < 2:
         raise InputError("--pred: give at least two experiments to compare")
     frame = common_rows(preds, meta)
     names = list(preds)
     scores = bootstrap_scores(frame, names, n_boot, seed)
+    metrics, n_positive_volumes = METRICS, 0
+    if true is not None and all(VOLUME_COL in df for df in preds.values()):
+        volumes, n_positive_volumes = bootstrap_volumes(preds, frame[ID_COL], meta, true, n_boot, seed)
+        if n_positive_volumes >= 3:
+            metrics = METRICS + VOLUME_METRICS
+            for name in names:
+                scores[name].update(volumes[name])
     rows, diffs = [], []
     for name in names:
         row = {"experiment": name}
-        for metric in METRICS:
+        for metric in metrics:
             point, boot = scores[name][metric]
             row[metric] = point
             row[f"{metric}_ci95"] = interval(boot)
@@ -99,7 +138,7 @@ def compare(preds: dict[str, pd.DataFrame], meta: pd.DataFrame, n_boot: int = 10
     baseline = names[0]
     for name in names[1:]:
         row = {"experiment": name, "against": baseline}
-        for metric in METRICS:
+        for metric in metrics:
             delta = scores[name][metric][1] - scores[baseline][metric][1]
             better = delta < 0 if LOWER_IS_BETTER[metric] else delta > 0
             valid = np.isfinite(delta)
@@ -109,25 +148,33 @@ def compare(preds: dict[str, pd.DataFrame], meta: pd.DataFrame, n_boot: int = 10
         diffs.append(row)
     return {"n_images": len(frame), "n_studies": int(frame[STUDY].nunique()),
             "n_positive_studies": int(frame.groupby(STUDY)[ANY].max().sum()), "n_boot": n_boot, "seed": seed,
+            "metrics": list(metrics), "n_positive_volume_studies": n_positive_volumes if metrics != METRICS else 0,
             "scores": rows, "differences": diffs}
 
 
 def as_markdown(result: dict) -> str:
-    def fmt(value: float, ci: tuple[float, float], digits: int = 4) -> str:
+    metrics = result.get("metrics", METRICS)
+
+    def fmt(value: float, ci: tuple[float, float], metric: str) -> str:
+        digits = 1 if metric == "volume_mdape_percent" else 4
         return f"{value:.{digits}f} [{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]"
 
     scores = pd.DataFrame([{"experiment": r["experiment"],
-                            **{m: fmt(r[m], r[f"{m}_ci95"]) for m in METRICS}} for r in result["scores"]])
+                            **{m: fmt(r[m], r[f"{m}_ci95"], m) for m in metrics}} for r in result["scores"]])
     diffs = pd.DataFrame([{"experiment": r["experiment"], "against": r["against"],
-                           **{f"{m} diff": fmt(r[f"{m}_diff"], r[f"{m}_diff_ci95"]) for m in METRICS},
-                           **{f"P({m} better)": f"{r[f'{m}_p_better']:.2f}" for m in METRICS}}
+                           **{f"{m} diff": fmt(r[f"{m}_diff"], r[f"{m}_diff_ci95"], m) for m in metrics},
+                           **{f"P({m} better)": f"{r[f'{m}_p_better']:.2f}" for m in metrics}}
                           for r in result["differences"]])
     head = (f"{result['n_images']} OOF images common to all, {result['n_studies']} studies "
             f"({result['n_positive_studies']} positive); 95% intervals from {result['n_boot']} paired bootstrap "
-            f"resamples of studies (seed {result['seed']}).\n\n")
-    return (head + markdown_table(scores) + "\n\nEach against the first (difference = it minus the first; "
-            "P(better) = share of resamples where it does better: lower log loss, higher AUC):\n\n"
-            + markdown_table(diffs) + "\n")
+            f"resamples of studies (seed {result['seed']}).")
+    if result.get("n_positive_volume_studies"):
+        head += (f" Volumes: MdAPE (%) and Spearman of the study volume over the {result['n_positive_volume_studies']}"
+                 " studies with painted blood, resampled the same way.")
+    better = ("lower log loss and volume error, higher AUC and Spearman" if "volume_spearman" in metrics
+              else "lower log loss, higher AUC")
+    return (head + "\n\n" + markdown_table(scores) + "\n\nEach against the first (difference = it minus the first; "
+            f"P(better) = share of resamples where it does better: {better}):\n\n" + markdown_table(diffs) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -152,7 +199,10 @@ def main(argv: list[str] | None = None) -> int:
     preds = {label: load_valid_predictions(f) for label, f in zip(labels, folders)}
     from src.data.metadata import load_metadata  # reads the header table: only the CLI needs it
 
-    result = compare(preds, load_metadata(resolve_data_dir(args.data), "train"), args.n_boot, args.seed)
+    data_dir = resolve_data_dir(args.data)
+    true_csv = data_dir / TRUE_VOLUMES_CSV  # painted masks' volumes: only then are volumes compared
+    true = pd.read_csv(true_csv, dtype={ID_COL: str}) if true_csv.exists() else None
+    result = compare(preds, load_metadata(data_dir, "train"), args.n_boot, args.seed, true)
     text = as_markdown(result)
     print(text)
     write_text(text, args.out / "compare.md")
