@@ -9,7 +9,9 @@ views. The read-outs:
   painted masks), the two counts averaged;
 - `hard@c`: the flip-averaged probability thresholded at c (average, then threshold: the usual way to merge TTA);
 - `soft@c`: the sum of the flip-averaged probability over pixels at p >= c (`soft@0` is the paper's soft volume,
-  the head's feature).
+  the head's feature);
+- `cached_mask`: not the model's, the painted mask as the model is trained on it (resized to the cache's S px):
+  the best any map at this size could do.
 For each: MdAPE and Spearman of the study volume over positive studies, pooled and per fold, and the median false
 blood on negative studies. Writes work/bench/volume_readout_EXP.{csv,md} (the table) and _slices.csv (per slice).
 
@@ -137,9 +139,11 @@ def fold_readouts(exp: str, fold: int, data_dir: Path, batch_size: int = 64) -> 
     for batch in tqdm(loader, desc=f"{exp} fold {fold}", leave=False):
         images, voxel = to_input(batch["image"], device, False), batch["voxel_mm3"].to(device)
         views = flip_views(model, images, voxel)
-        errors = error_parts(views[1], model.volume_cutoff, batch["mask"].to(device), batch["mask_state"] >= 0,
-                             voxel)
-        for name, values in (readout_volumes(model, images, voxel, views=views) | errors).items():
+        errors = error_parts(views[1], model.volume_cutoff, batch["mask"].to(device), batch["mask_state"] >= 0, voxel)
+        known = batch["mask_state"] >= 0
+        painted = (batch["mask"].sum(dim=(1, 2, 3)).float() * batch["voxel_mm3"].float()).masked_fill(~known, np.nan)
+        for name, values in (readout_volumes(model, images, voxel, views=views) | errors
+                             | {"cached_mask": painted.numpy()}).items():
             parts.setdefault(name, []).append(values)
     return pd.DataFrame({ID_COL: valid[ID_COL].to_numpy(), FOLD_COL: fold}
                         | {name: np.concatenate(v) for name, v in parts.items()})

@@ -147,6 +147,13 @@ def test_deployed_readout_is_what_the_oof_holds(tiny_data):
     table = pd.read_csv(out.with_suffix(".csv"))
     assert {"deployed", "hard@0.5", "soft@0"} <= set(table["readout"]) and "fold0_mdape_pct" in table
     assert not set(volume_readout.ERROR_PARTS) & set(table["readout"])  # parts of the error are not read-outs
+    # The painted masks at the cache's size, read out like a map: the error a perfect map of this size would have.
+    assert table.set_index("readout").loc["cached_mask", "mdape_pct"] < 10
+    from src.data.metadata import load_metadata
+
+    labels = load_metadata(tiny_data, "train").set_index(ID_COL).loc[slices.index, "any"]
+    assert (labels == 0).any() and (slices.loc[labels == 0, "cached_mask"] == 0).all()
+    assert (slices.loc[(labels > 0) & slices["cached_mask"].notna(), "cached_mask"] > 0).any()
     assert out.with_suffix(".md").read_text().startswith("# Volume read-outs of t_readout")
     # The error parts add up to the deployed volume on every slice with a known mask.
     known = slices.dropna(subset=list(volume_readout.ERROR_PARTS))
