@@ -138,9 +138,9 @@ def fold_readouts(exp: str, fold: int, data_dir: Path, batch_size: int = 64) -> 
     parts: dict[str, list[np.ndarray]] = {}
     for batch in tqdm(loader, desc=f"{exp} fold {fold}", leave=False):
         images, voxel = to_input(batch["image"], device, False), batch["voxel_mm3"].to(device)
-        views = flip_views(model, images, voxel)
-        errors = error_parts(views[1], model.volume_cutoff, batch["mask"].to(device), batch["mask_state"] >= 0, voxel)
         known = batch["mask_state"] >= 0
+        views = flip_views(model, images, voxel)
+        errors = error_parts(views[1], model.volume_cutoff, batch["mask"].to(device), known.to(device), voxel)
         painted = (batch["mask"].sum(dim=(1, 2, 3)).float() * batch["voxel_mm3"].float()).masked_fill(~known, np.nan)
         for name, values in (readout_volumes(model, images, voxel, views=views) | errors
                              | {"cached_mask": painted.numpy()}).items():
