@@ -89,6 +89,8 @@ RECIPES: tuple[Recipe, ...] = (
            "weak run; configs/real_rsna_bloodnet.yaml)", ("masks=none", "joint_lambda=0.25", "weak_refine=true")),
     Recipe("volume-nograd", "the default with the volume feature's gradient stopped: only the pixel loss shapes "
            "the map", ("volume_feature_grad=false",)),
+    Recipe("volume-nograd-hardneg", "volume-nograd with the segment epochs' negatives skewed to hyperdense slices",
+           ("volume_feature_grad=false", "seg_hard_negatives=0.5")),
     Recipe("fullres", "the default with one more decoder block at the input's size, reading the image",
            ("seg_full_res=true",)),
     Recipe("classifier-96px", "plain timm classifier at the default's size and context, 8 epochs (BloodNet's 3 "
