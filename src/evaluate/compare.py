@@ -10,9 +10,9 @@ share of resamples in which it does better (a tie is not better). The resamples 
 be held out, not the training draw: two seeds of one recipe can differ "significantly" here, so compare seeds too.
 On fold 0 of the embedded default (28 studies) the intervals are wide; five folds' OOF (~140 studies) is what this
 is for.
-When every experiment predicted a blood volume (BloodNet) and the data has true volumes (painted masks), the same
-paired resampling, over the positive studies, compares the study volumes as `python -m src.evaluate.volumes` scores
-them: median absolute percentage error and Spearman, and each one's difference from the first with its P(better).
+When every experiment predicted a blood volume (BloodNet) and the data has true volumes (painted masks), a paired
+resampling of the positive studies (its own draws, the same for every experiment) compares the study volumes as
+`python -m src.evaluate.volumes` scores them: median absolute percentage error and Spearman, and each one's difference from the first with its P(better).
 Writes <out>/compare.{md,json} (default out: oof/compare/).
 """
 
