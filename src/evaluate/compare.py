@@ -12,7 +12,8 @@ On fold 0 of the embedded default (28 studies) the intervals are wide; five fold
 is for.
 When every experiment predicted a blood volume (BloodNet) and the data has true volumes (painted masks), a paired
 resampling of the positive studies (its own draws, the same for every experiment) compares the study volumes as
-`python -m src.evaluate.volumes` scores them: median absolute percentage error and Spearman, and each one's difference from the first with its P(better).
+`python -m src.evaluate.volumes` scores them: median absolute percentage error and Spearman, and each one's
+difference from the first with its P(better).
 Writes <out>/compare.{md,json} (default out: oof/compare/).
 """
 
