@@ -92,15 +92,29 @@ def candidates(rows: np.ndarray) -> dict[str, dict]:
     return out
 
 
+def installed_test_dicoms() -> list[Path]:
+    """pydicom's own test files and the pydicom-data package's, as installed. Never pydicom.data.get_testdata_files:
+    it fetches any listed file that is not on disk from the network, and offline it retries each one for ~20 s."""
+    import pydicom.data
+
+    roots = [Path(pydicom.data.__file__).parent / "test_files"]
+    try:
+        import data_store  # the pydicom-data package
+
+        roots.append(Path(data_store.__file__).parent / "data")
+    except ImportError:
+        pass
+    return sorted(p for root in roots for p in root.rglob("*.dcm"))
+
+
 def real_ct(size: int) -> dict:
     """Bytes per row, raw vs zstd, on pydicom's CT test files (distinct pixels only)."""
     import pydicom
-    from pydicom.data import get_testdata_files
 
     rows, seen = [], set()
     with contextlib.redirect_stderr(io.StringIO()), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the corpus is full of deliberately odd files
-        for f in get_testdata_files("*.dcm"):
+        for f in installed_test_dicoms():
             try:
                 if pydicom.dcmread(f, stop_before_pixels=True).get("Modality") != "CT":
                     continue

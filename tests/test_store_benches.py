@@ -42,3 +42,18 @@ def test_dicom_scale_quick(tmp_path):
     assert set(result["projection"]) == set(stages)
     assert "QUICK MODE" in (tmp_path / "dicom_scale.md").read_text()
     assert not work.exists()  # the generated files are deleted without --keep
+
+
+def test_cache_store_reads_the_installed_dicoms_without_the_network(monkeypatch):
+    """pydicom's get_testdata_files downloads what is not on disk (offline: ~20 s of retries per file, minutes in
+    all); the bench's real-CT figures must come from the installed corpus alone."""
+    import pydicom.data
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("pydicom.data.get_testdata_files may download: the bench must not call it")
+
+    monkeypatch.setattr(pydicom.data, "get_testdata_files", no_network)
+    bench = _bench("cache_store")
+    files = bench.installed_test_dicoms()
+    assert files and all(f.is_file() and f.suffix == ".dcm" for f in files)
+    assert bench.real_ct(32)["files"] > 0
