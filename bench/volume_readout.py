@@ -209,7 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     if not true_csv.exists():
         raise InputError(f"{true_csv}: no true volumes (painted masks) for this data: nothing to measure against")
     slices = pd.concat([fold_readouts(args.exp, k, data_dir) for k in args.folds], ignore_index=True)
-    table = readout_table(slices, load_metadata(data_dir, "train"), pd.read_csv(true_csv, dtype={ID_COL: str}))
+    meta, true = load_metadata(data_dir, "train"), pd.read_csv(true_csv, dtype={ID_COL: str})
+    table = readout_table(slices, meta, true)
     out = paths.WORK / "bench" / f"volume_readout_{args.exp}"
     write_csv(slices, out.with_name(out.name + "_slices.csv"))
     write_csv(table, out.with_suffix(".csv"))
@@ -220,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
             + markdown_table(shown, digits=2))
     write_text(text, out.with_suffix(".md"))
     print(markdown_table(shown, digits=2), end="")
-    errors = error_table(slices, load_metadata(data_dir, "train"), pd.read_csv(true_csv, dtype={ID_COL: str}))
+    errors = error_table(slices, meta, true)
     errors_out = out.with_name(out.name + "_errors")
     write_csv(errors, errors_out.with_suffix(".csv"))
     shown = errors.round(2)
