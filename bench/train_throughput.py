@@ -35,7 +35,7 @@ from src.cnn.schedule import phases_for
 from src.config import Config, load_config
 from src.constants import LABELS
 from src.data.cache import load_cache
-from src.data.dataset import SliceDataset, build_augment
+from src.data.dataset import SliceDataset, build_augment, resolve_mask_mode
 from src.paths import WORK, resolve_data_dir
 
 GOAL_CPU = 2.0  # on CPU the loader's worker takes cores from the model: it must be well ahead
@@ -112,15 +112,18 @@ def resized_dataset(meta, images, cfg: Config, size: int, n: int) -> SliceDatase
 
 
 def accelerator_rows(cfg: Config, meta, images, rt: Runtime, backbones: list[str], sizes: list[int],
-                     compile_modes: list[bool], batches: int, batch: int = 0) -> list[dict]:
+                     compile_modes: list[bool], batches: int, batch: int = 0, on_row=None) -> list[dict]:
     """One row per backbone x size x compile: model images/s, loader images/s at that size, their ratio.
-    `batch` 0 takes GPU_BATCH for each size."""
+    `batch` 0 takes GPU_BATCH for each size. `on_row(rows)` is called after each row, so that a run stopped by a
+    time limit keeps what it measured (on a GPU the first batch of each model can spend a minute in cuDNN's
+    autotuning or torch.compile)."""
     rows = []
     for size in sizes:
         size_batch = batch or GPU_BATCH.get(size, max(8, 64 * 256**2 // size**2))
         sized = dataclasses.replace(cfg, image_size=size)
         data = resized_dataset(meta, images, sized, size, n=4 * size_batch)
         loader = loader_rate(data, sized, size_batch, batches)
+        print(f"loader at {size} px, batch {size_batch}: {loader:.0f} images/s", flush=True)
         for backbone in backbones:
             for compiled in compile_modes:
                 run_cfg = dataclasses.replace(sized, backbone=backbone, compile=compiled, log_every=10**9)
@@ -128,6 +131,8 @@ def accelerator_rows(cfg: Config, meta, images, rt: Runtime, backbones: list[str
                 rows.append({"backbone": backbone, "image_size": size, "batch": size_batch, "compile": compiled,
                              "model_images_per_s": model, "loader_images_per_s": loader,
                              "loader_to_model_ratio": loader / model})
+                if on_row is not None:
+                    on_row(rows)
     return rows
 
 
@@ -167,29 +172,41 @@ def main(argv: list[str] | None = None) -> int:
     cfg = load_config(args.config, args.sets)
     data_dir = resolve_data_dir(args.data or cfg.data_dir or None)
     meta, images, masks = load_cache(data_dir, cfg.image_size, "train", fmt=cfg.cache_format)
+    # As training does: `auto` becomes full or none by whether the data has masks (the loss takes no `auto`).
+    mode = resolve_mask_mode(cfg.masks, masks, meta["mask_row"].to_numpy(), str(data_dir))
+    cfg = dataclasses.replace(cfg, masks=mode)
     workers = auto_workers(cfg)
     common = {"exp": cfg.exp_name, "arch": cfg.arch, "context": cfg.context, "in_chans": cfg.in_chans,
               "num_workers": workers, "torch_threads": torch.get_num_threads()}
     if torch.cuda.is_available():
         rt = Runtime.create(cfg, 0, 1, torch.device("cuda", 0))
         name = torch.cuda.get_device_name(0)
-        rows = accelerator_rows(cfg, meta, images, rt, args.gpu_backbones.split(","),
-                                [int(s) for s in args.gpu_sizes.split(",")], [False] if args.no_compile else
-                                [False, True], args.batches, args.gpu_batch)
-        result = {"device": "cuda", "device_name": name, **common, "amp_dtype": str(rt.amp_dtype),
-                  "goal_ratio": GOAL_GPU, "rows": rows}
         header = (f"GPU mode on {name}: {cfg.arch}, in_chans {cfg.in_chans}, {rt.amp_dtype} autocast, channels_last, "
                   f"fused AdamW; loader: {workers} workers, default augmentation\n\n")
+
+        def save(rows: list[dict], partial: bool = True) -> None:
+            write_json({"device": "cuda", "device_name": name, **common, "amp_dtype": str(rt.amp_dtype),
+                        "goal_ratio": GOAL_GPU, "partial": partial, "rows": rows},
+                       WORK / "bench" / "train_throughput.json")
+            write_text(header + gpu_table(rows), WORK / "bench" / "train_throughput.md")
+            print(gpu_table(rows[-1:]).splitlines()[-1], flush=True)
+
+        rows = accelerator_rows(cfg, meta, images, rt, args.gpu_backbones.split(","),
+                                [int(s) for s in args.gpu_sizes.split(",")], [False] if args.no_compile else
+                                [False, True], args.batches, args.gpu_batch, on_row=save)
+        save(rows, partial=False)
         table, met = gpu_table(rows), all(r["loader_to_model_ratio"] >= GOAL_GPU for r in rows)
-    else:
-        ds = SliceDataset(meta, images, cfg.context, masks, augment=build_augment(cfg.aug))
-        measured, table = cpu_result(ds, cfg, args.batches)
-        result = {"device": "cpu", **common, "backbone": cfg.backbone, "image_size": cfg.image_size,
-                  "batch_size": cfg.batch_size, **measured}
-        header = (f"CPU mode (no CUDA device found: these are CPU figures): {cfg.arch} {cfg.backbone}, "
-                  f"{cfg.image_size} px, in_chans {cfg.in_chans}, batch {cfg.batch_size}, {workers} loader worker(s), "
-                  f"{torch.get_num_threads()} torch threads\n\n")
-        met = measured["loader_to_train_ratio"] >= GOAL_CPU
+        print(header + table)
+        return 0 if met else 1
+
+    ds = SliceDataset(meta, images, cfg.context, masks, augment=build_augment(cfg.aug))
+    measured, table = cpu_result(ds, cfg, args.batches)
+    result = {"device": "cpu", **common, "backbone": cfg.backbone, "image_size": cfg.image_size,
+              "batch_size": cfg.batch_size, **measured}
+    header = (f"CPU mode (no CUDA device found: these are CPU figures): {cfg.arch} {cfg.backbone}, "
+              f"{cfg.image_size} px, in_chans {cfg.in_chans}, batch {cfg.batch_size}, {workers} loader worker(s), "
+              f"{torch.get_num_threads()} torch threads\n\n")
+    met = measured["loader_to_train_ratio"] >= GOAL_CPU
     print(header + table)
     write_json(result, WORK / "bench" / "train_throughput.json")
     write_text(header + table, WORK / "bench" / "train_throughput.md")

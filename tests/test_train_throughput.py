@@ -35,15 +35,57 @@ def test_cpu_mode_says_it_measured_the_cpu(tiny_data, monkeypatch):
     assert (WORK / "bench" / "train_throughput.md").read_text().startswith("CPU mode (no CUDA device found")
 
 
+def test_cpu_mode_runs_the_default_bloodnet_with_masks_auto(tiny_data, monkeypatch):
+    """The default arch trains with `masks: auto`, which the loss refuses until it is resolved from the data: the
+    bench must resolve it as training does (the first GPU run of the bench stopped there)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    small_bloodnet = ["arch=bloodnet", "masks=auto", *SMALL[1:]]
+    sets = [arg for s in small_bloodnet for arg in ("--set", s)]
+    bench_module().main(["--data", str(tiny_data), "--batches", "3", *sets])
+    result = json.loads((WORK / "bench" / "train_throughput.json").read_text())
+    assert result["arch"] == "bloodnet" and result["train_images_per_s"] > 0
+
+
 def test_gpu_mode_rows_run_on_any_device(tiny_data):
     bench = bench_module()
     cfg = load_config(None, SMALL)
     meta, images, _ = load_cache(tiny_data, 64, "train")
     cpu = Runtime(rank=0, world=1, device=torch.device("cpu"), amp_dtype=None, channels_last=False)
-    rows = bench.accelerator_rows(cfg, meta, images, cpu, ["resnet10t"], [48], [False], batches=2, batch=4)
+    seen = []
+    rows = bench.accelerator_rows(cfg, meta, images, cpu, ["resnet10t"], [48], [False], batches=2, batch=4,
+                                  on_row=lambda done: seen.append(len(done)))
     (row,) = rows
+    assert seen == [1]
     assert row["image_size"] == 48 and row["batch"] == 4
     assert row["model_images_per_s"] > 0 and row["loader_images_per_s"] > 0
     assert "| resnet10t | 48 |" in bench.gpu_table(rows)
     ds = bench.resized_dataset(meta, images, cfg, 48, n=5)
     assert ds[0]["image"].shape == (cfg.in_chans, 48, 48) and len(ds) == 5
+
+
+def test_gpu_mode_saves_each_row_as_it_is_measured(tiny_data, monkeypatch):
+    """On a GPU a row can take a minute (autotuning, compile): a time limit must not lose the rows already done.
+    main's GPU branch runs here with CUDA's checks answered as if a device were present and the rows stubbed."""
+    bench = bench_module()
+    cpu = Runtime(rank=0, world=1, device=torch.device("cpu"), amp_dtype=None, channels_last=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=0: "Fake GPU")
+    monkeypatch.setattr(bench.Runtime, "create", staticmethod(lambda *args, **kwargs: cpu))
+    saved = []
+
+    def two_rows(*args, on_row, **kwargs):
+        rows = []
+        for backbone in ("resnet10t", "resnet18"):
+            rows.append({"backbone": backbone, "image_size": 48, "batch": 4, "compile": False,
+                         "model_images_per_s": 10.0, "loader_images_per_s": 30.0, "loader_to_model_ratio": 3.0})
+            on_row(rows)
+            saved.append(json.loads((WORK / "bench" / "train_throughput.json").read_text()))
+        return rows
+
+    monkeypatch.setattr(bench, "accelerator_rows", two_rows)
+    sets = [arg for s in SMALL for arg in ("--set", s)]
+    assert bench.main(["--data", str(tiny_data), *sets]) == 0
+    assert [len(s["rows"]) for s in saved] == [1, 2] and all(s["partial"] for s in saved)
+    final = json.loads((WORK / "bench" / "train_throughput.json").read_text())
+    assert final["device_name"] == "Fake GPU" and not final["partial"] and len(final["rows"]) == 2
+    assert (WORK / "bench" / "train_throughput.md").read_text().startswith("GPU mode on Fake GPU")
