@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import os
+
+# albumentations asks the internet for a newer version on import: a warning (and a DNS wait) on every offline
+# machine, GPU boxes included. A value the user set wins.
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
 import albumentations as A
 import numpy as np
 import pandas as pd
