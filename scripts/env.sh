@@ -1,6 +1,8 @@
 # Sourced by run_fold.sh and scripts/test.sh: sets $PY to a Python that has requirements.txt installed.
-# Uses the current python3 when it already has the pinned packages; otherwise builds .venv/ once
-# (and again whenever requirements.txt changes: the stamp holds its hash).
+# $ICH_PYTHON, when set, is used as it is, unchecked: an interpreter you manage yourself, e.g. a GPU image's own
+# CUDA build of torch, which the CPU pins in requirements.txt would replace. Otherwise the current python3 when it
+# already has the pinned packages, else .venv/, built once (and again whenever requirements.txt changes: the stamp
+# holds its hash).
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 req="$root/requirements.txt"
 stamp="$root/.venv/.requirements.sha1"
@@ -26,7 +28,10 @@ for line in open(sys.argv[1]):
 PYEOF
 }
 
-if [ -x "$root/.venv/bin/python" ] && [ "$(cat "$stamp" 2>/dev/null)" = "$want" ]; then
+if [ -n "${ICH_PYTHON:-}" ]; then
+  command -v "$ICH_PYTHON" >/dev/null || { echo "error: ICH_PYTHON=$ICH_PYTHON is not an executable" >&2; exit 1; }
+  PY="$ICH_PYTHON"
+elif [ -x "$root/.venv/bin/python" ] && [ "$(cat "$stamp" 2>/dev/null)" = "$want" ]; then
   PY="$root/.venv/bin/python"
 elif has_packages python3; then
   PY="$(command -v python3)"

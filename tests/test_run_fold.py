@@ -65,3 +65,19 @@ def test_run_fold_bad_arguments_give_one_line(tiny_set, tmp_path, args, message)
     errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and message in errors[0], done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_env_script_takes_ich_python_as_it_is(tmp_path):
+    """A GPU image's own CUDA torch fails the CPU pins, and the image may have no registry to build .venv from:
+    ICH_PYTHON names the interpreter to use, unchecked; a wrong one is a one-line error."""
+    own = tmp_path / "gpu-python"
+    own.write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    own.chmod(0o755)
+    script = f'source "{ROOT}/scripts/env.sh" && echo "PY=$PY"'
+    done = subprocess.run(["bash", "-c", script], env={**os.environ, "ICH_PYTHON": str(own)}, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.strip() == f"PY={own}", done.stderr
+    missing = subprocess.run(["bash", "-c", script], env={**os.environ, "ICH_PYTHON": str(tmp_path / "none")},
+                             capture_output=True, text=True, timeout=60)
+    assert missing.returncode == 1
+    assert missing.stderr.strip() == f"error: ICH_PYTHON={tmp_path / 'none'} is not an executable"
