@@ -17,11 +17,12 @@ import torch
 from src.constants import LABELS
 from src.stack import pca
 from src.stack import run as stack_run
+from src.stack import threads as stack_threads
 from src.stack.features import SERIES_ID, clipped_logit, sequence_inputs
 from src.stack.gru import GRUStacker
 from src.stack.lgbm import LGBMStacker
 from src.stack.pca import fit_axes, project
-from src.stack.threads import machine_threads
+from src.stack.threads import ROWS_PER_LGBM_THREAD, lgbm_threads, machine_threads
 from tests.test_stack import _fake_level2, fake_pipeline, write_oof
 
 TINY_LGBM = {"n_estimators": 30, "learning_rate": 0.1, "early_stopping_rounds": 10, "n_jobs": 1, "n_seeds": 1}
@@ -122,8 +123,8 @@ def test_lgbm_bins_the_fit_rows_once_for_every_seed_and_label(monkeypatch):
 def test_thread_counts_come_from_the_machine(monkeypatch):
     if hasattr(os, "sched_getaffinity"):
         assert machine_threads() == len(os.sched_getaffinity(0))
-    assert LGBMStacker()._params(0)["num_threads"] == machine_threads()
     assert LGBMStacker(n_jobs=3)._params(0)["num_threads"] == 3
+    assert LGBMStacker()._params(0, threads=5)["num_threads"] == 5
     monkeypatch.delattr(os, "sched_getaffinity", raising=False)
     monkeypatch.setattr(os, "cpu_count", lambda: 7)
     assert machine_threads() == 7
@@ -175,3 +176,38 @@ def test_stack_cli_caps_seeds_and_rounds_and_records_the_work(tmp_path, monkeypa
     assert 0 < metrics["work"]["boosting_rounds"] <= 2 * 6 * 3 and metrics["seconds"] >= 0
     with pytest.raises(InputError, match="--seeds"):
         main([*base, "--seeds", "-1"])  # 0 = the stacker's default
+
+
+def test_lightgbm_threads_follow_the_rows_within_the_machine(monkeypatch):
+    """Small fits on one thread (waking idle threads costs more than they save), big ones on up to every CPU."""
+    monkeypatch.setattr(stack_threads, "machine_threads", lambda: 16)
+    assert lgbm_threads(0) == lgbm_threads(3_000) == lgbm_threads(ROWS_PER_LGBM_THREAD - 1) == 1
+    assert lgbm_threads(5 * ROWS_PER_LGBM_THREAD) == 5
+    assert lgbm_threads(600_000) == lgbm_threads(10**7) == 16
+
+
+def test_the_stacker_picks_its_threads_by_the_rows_unless_told(monkeypatch):
+    table, feats, y = _fake_level2()
+    seen = []
+    real_train, real_predict = lgb.train, lgb.Booster.predict
+
+    def train(params, *args, **kwargs):
+        seen.append(("fit", params["num_threads"]))
+        return real_train(params, *args, **kwargs)
+
+    def predict(self, data, *args, num_threads=0, **kwargs):
+        seen.append(("predict", num_threads))
+        return real_predict(self, data, *args, num_threads=num_threads, **kwargs)
+
+    monkeypatch.setattr(lgb, "train", train)
+    monkeypatch.setattr(lgb.Booster, "predict", predict)
+    monkeypatch.setattr(stack_threads, "machine_threads", lambda: 64)
+    monkeypatch.setattr(stack_threads, "ROWS_PER_LGBM_THREAD", 10)
+    model = LGBMStacker(**{**TINY_LGBM, "n_jobs": 0}).fit(feats, y, table["PatientID"].to_numpy())
+    model.predict_proba(feats.head(25))
+    assert {n for kind, n in seen if kind == "fit"} == {min(64, len(feats) // 10)} and len(feats) >= 30
+    assert {n for kind, n in seen if kind == "predict"} == {2}
+    seen.clear()
+    told = LGBMStacker(**{**TINY_LGBM, "n_jobs": 3}).fit(feats, y, table["PatientID"].to_numpy())
+    told.predict_proba(feats)
+    assert {n for _, n in seen} == {3}

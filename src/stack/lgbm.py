@@ -10,7 +10,7 @@ from sklearn.model_selection import GroupShuffleSplit
 
 from src.constants import LABELS
 from src.stack.features import clipped_logit
-from src.stack.threads import machine_threads
+from src.stack.threads import lgbm_threads
 
 # Fixed, so that the one binning of the fit rows (shared by every seed and label) does not depend on the seed.
 DATA_SEED = 1
@@ -26,7 +26,7 @@ class LGBMStacker(BaseEstimator):
 
     The fit rows are binned once (one LightGBM Dataset) and every seed's train/valid part of every label is a
     subset of it: binning 600k x 160 features costs about as much as 50 boosting rounds, 60 times per fit before.
-    `n_jobs=0` uses every CPU this process may run on.
+    `n_jobs=0` picks the threads by the rows (src.stack.threads.lgbm_threads): one per 20,000, within the CPUs.
     """
 
     def __init__(
@@ -73,14 +73,15 @@ class LGBMStacker(BaseEstimator):
         # Boost from the CNN's own logit (init_score): trees learn a correction to the slice's probability, so
         # with little OOF (one fold) early stopping keeps the CNN rather than a worse model from scratch.
         base = np.stack([clipped_logit(X[name].to_numpy()) for name in LABELS], axis=1)
+        threads = self.n_jobs or lgbm_threads(len(X))
         binned = lgb.Dataset(X.to_numpy(dtype=np.float32), y[:, 0], feature_name=[str(c) for c in X.columns],
-                             params=self._params(self.random_state), free_raw_data=True).construct()
-        fits = [self._fit_seed(binned, y, base, groups, self.random_state + s) for s in range(self.n_seeds)]
+                             params=self._params(self.random_state, threads), free_raw_data=True).construct()
+        fits = [self._fit_seed(binned, y, base, groups, self.random_state + s, threads) for s in range(self.n_seeds)]
         self.boosters_ = [boosters for boosters, _ in fits]
         self.best_iterations_ = [best for _, best in fits]
         return self
 
-    def _params(self, seed: int) -> dict:
+    def _params(self, seed: int, threads: int = 0) -> dict:
         return {
             "objective": "binary",
             "learning_rate": self.learning_rate,
@@ -90,7 +91,7 @@ class LGBMStacker(BaseEstimator):
             "bagging_freq": 1,
             "feature_fraction": self.colsample_bytree,
             "lambda_l2": self.reg_lambda,
-            "num_threads": self.n_jobs or machine_threads(),
+            "num_threads": threads or self.n_jobs or 1,
             "seed": seed,
             "data_random_seed": DATA_SEED,
             "feature_pre_filter": False,
@@ -99,10 +100,10 @@ class LGBMStacker(BaseEstimator):
         }
 
     def _fit_seed(self, binned: lgb.Dataset, y: np.ndarray, base: np.ndarray, groups: np.ndarray,
-                  seed: int) -> tuple[list[lgb.Booster | float], list[int]]:
+                  seed: int, threads: int) -> tuple[list[lgb.Booster | float], list[int]]:
         split = GroupShuffleSplit(n_splits=1, test_size=self.valid_fraction, random_state=seed)
         tr, va = next(split.split(np.zeros(len(y)), groups=groups))
-        params = self._params(seed)
+        params = self._params(seed, threads)
         boosters: list[lgb.Booster | float] = []
         best_iterations: list[int] = []
         for j, name in enumerate(LABELS):
@@ -137,6 +138,7 @@ class LGBMStacker(BaseEstimator):
             raise ValueError("feature columns differ from those seen in fit")
         out = np.zeros((len(X), len(LABELS)))
         values = X.to_numpy(dtype=np.float32)  # once, not once per booster
+        threads = self.n_jobs or lgbm_threads(len(X))
         for boosters, best_iterations in zip(self.boosters_, self.best_iterations_):
             for j, (booster, best) in enumerate(zip(boosters, best_iterations)):
                 if isinstance(booster, float):
@@ -144,7 +146,7 @@ class LGBMStacker(BaseEstimator):
                 else:
                     base = clipped_logit(X[LABELS[j]].to_numpy())
                     raw = booster.predict(values, num_iteration=best, raw_score=True,
-                                          num_threads=self.n_jobs or machine_threads()) + base
+                                          num_threads=threads) + base
                     out[:, j] += 1.0 / (1.0 + np.exp(-raw))
         return out / len(self.boosters_)
 
