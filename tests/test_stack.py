@@ -448,3 +448,26 @@ def test_gru_bag_is_the_mean_of_its_seeds_and_pca_is_fit_on_the_fit_rows():
         bag.predict_proba(X[pred_rows, :-1], series[pred_rows], emb=emb[pred_rows])
     with pytest.raises(ValueError, match="emb"):
         bag.predict_proba(X[pred_rows], series[pred_rows])
+
+
+def test_cli_threads_default_to_the_measured_choice_and_follow_the_flag(tmp_path, monkeypatch):
+    """Without --threads: LightGBM picks by the rows (n_jobs 0) and the GRU's torch runs on one thread (its steps are
+    too small to share); with --threads N both take N."""
+    import src.data.metadata
+    import src.stack.__main__ as stack_cli
+
+    meta_train, meta_test, valid, test = fake_pipeline(n_patients=12, seed=6)
+    write_oof(tmp_path, "exp", valid, test, with_emb=False)
+    fake = lambda d, split: meta_train if split == "train" else meta_test  # noqa: E731
+    monkeypatch.setattr(src.data.metadata, "load_metadata", fake)
+    calls = []
+    monkeypatch.setattr(stack_cli, "run_stack", lambda *a, lgbm_params, **k: calls.append(
+        (lgbm_params["n_jobs"], torch.get_num_threads())))
+    monkeypatch.setattr(stack_cli, "run_compare", lambda *a, **k: None)
+    try:
+        torch.set_num_threads(2)
+        main(["--exp", "exp", "--oof-root", str(tmp_path)])
+        main(["--exp", "exp", "--threads", "2", "--oof-root", str(tmp_path)])
+    finally:
+        torch.set_num_threads(1)
+    assert calls == [(0, 1), (2, 2)]

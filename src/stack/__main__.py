@@ -19,7 +19,7 @@ from src.errors import InputError, run_cli
 from src.predictions import fold_files, run_config
 from src.stack.compare import run_compare
 from src.stack.run import run_stack
-from src.stack.threads import machine_threads
+from src.stack.threads import GRU_TORCH_THREADS
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,8 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n-folds", type=int, help="folds of the CNN's CV (default: from fold*_run.json)")
     parser.add_argument("--n-inner", type=int, help="inner CV folds when some CNN folds are missing")
     parser.add_argument("--device", help="GRU device: cpu, cuda or auto")
-    parser.add_argument("--threads", type=int, help="CPU threads for LightGBM and torch (0: torch every CPU, "
-                        "LightGBM one per 20,000 rows)")
+    parser.add_argument("--threads", type=int, help="CPU threads for LightGBM and the GRU's torch (0: LightGBM one "
+                        "per 20,000 rows, the GRU one; see src/stack/threads.py)")
     parser.add_argument("--seeds", type=int, help="seeds bagged per stacker model (0 = the stacker's default, 5)")
     parser.add_argument("--max-rounds", type=int, help="LightGBM boosting rounds at most (0 = its default, 2000)")
     parser.add_argument("--gru-epochs", type=int, help="GRU epochs at most (0 = its default, 60)")
@@ -58,8 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.compare:
         has_test = bool(fold_files(oof_root / args.exp, "test"))
         meta_test = load_metadata(data_dir, "test") if has_test else None
-        threads = args.threads or machine_threads()
-        torch.set_num_threads(threads)
+        torch.set_num_threads(args.threads or GRU_TORCH_THREADS)
         # LightGBM, unless told, takes threads by the rows it fits (src.stack.threads.lgbm_threads)
         lgbm_params, gru_params = {"n_jobs": args.threads or 0}, {"device": args.device}
         for given, params, key in ((args.seeds, lgbm_params, "n_seeds"), (args.seeds, gru_params, "n_seeds"),
