@@ -81,3 +81,23 @@ def test_env_script_takes_ich_python_as_it_is(tmp_path):
                              capture_output=True, text=True, timeout=60)
     assert missing.returncode == 1
     assert missing.stderr.strip() == f"error: ICH_PYTHON={tmp_path / 'none'} is not an executable"
+
+
+def test_gpu_check_runs_the_chosen_steps_and_says_when_there_is_no_gpu(tmp_path):
+    def gpu_check(**env):
+        return subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), str(tmp_path)], cwd=ROOT,
+                              env={**os.environ, "ICH_PYTHON": sys.executable, **env}, capture_output=True,
+                              text=True, timeout=120)
+
+    every = gpu_check(DRY_RUN="1")
+    assert [line.split()[1] for line in every.stdout.splitlines()[:-1]] == [
+        "run_fold", "bench_eager", "bench_compile", "stack_threads"]
+    benches = gpu_check(DRY_RUN="1", STEPS="eager compile", EAGER_S="77").stdout
+    assert "run_fold" not in benches and "stack_threads" not in benches
+    assert "small_data" in benches and "bench_eager (77 s)" in benches
+    bench_lines = [line for line in benches.splitlines() if line.startswith("[gpu_check] bench_")]
+    assert len(bench_lines) == 2 and all("--data work/gpu_check_data" in line for line in bench_lines)
+    if not __import__("torch").cuda.is_available():
+        real = gpu_check()
+        assert real.returncode == 1 and "sees no CUDA device: scripts/gpu_check.sh measures a GPU" in real.stderr
+        assert "Traceback" not in real.stderr
