@@ -174,7 +174,8 @@ def stages(ws: Path, n: int, args: argparse.Namespace) -> list[tuple[str, list[s
     py, data, oof = sys.executable, str(ws / "data"), ws / "oof"
     me = str(Path(__file__).resolve())
     stack = [py, "-m", "src.stack", "--exp", EXP, "--data", data, "--oof-root", str(oof), "--seeds", str(args.seeds),
-             "--max-rounds", str(args.max_rounds), "--gru-epochs", str(args.gru_epochs)]
+             "--max-rounds", str(args.max_rounds), "--gru-epochs", str(args.gru_epochs),
+             "--threads", str(args.stack_threads)]
     # Report, triage and submission read the CNN's five folds (the path right after training) and run before the
     # stackers, the longest stage, so that a run cut short still has them at every scale.
     report = [py, "-m", "src.evaluate.report", "--pred", str(oof / EXP), "--data", data]
@@ -329,6 +330,8 @@ def main() -> int:
     parser.add_argument("--seeds", type=int, default=5, help="seeds per stacker model (the stack CLI's --seeds)")
     parser.add_argument("--max-rounds", type=int, default=2000, help="LightGBM rounds at most")
     parser.add_argument("--gru-epochs", type=int, default=60, help="GRU epochs at most")
+    parser.add_argument("--stack-threads", type=int, default=0,
+                        help="the stack CLI's --threads (0: its own rule, src/stack/threads.py)")
     parser.add_argument("--n-boot", type=int, default=1000, help="report bootstrap resamples")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", help="where the temporary workspaces go (default: the system temp folder)")
@@ -350,7 +353,8 @@ def main() -> int:
             "ram_gb": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30,
             "load_before": os.getloadavg()[0], "python": platform.python_version(), "slices": args.slices,
             "emb_dim": args.emb_dim, "seeds": args.seeds, "max_rounds": args.max_rounds,
-            "gru_epochs": args.gru_epochs, "n_boot": args.n_boot, "scales": divisors}
+            "gru_epochs": args.gru_epochs, "n_boot": args.n_boot, "scales": divisors,
+            "stack_threads": args.stack_threads or "the stack CLI's rule"}
     root = Path(tempfile.mkdtemp(prefix="ich-scale-", dir=args.workdir))
     rows = json.loads((WORK / "bench" / f"{args.out}.json").read_text())["rows"] if args.append else []
     if args.render:  # the tables again from the saved rows, e.g. after a change to the verdicts

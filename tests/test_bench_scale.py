@@ -57,3 +57,11 @@ def test_table_header_says_whether_other_jobs_shared_the_cores():
     rows[0]["load_avg_1min"] = 5.0
     busy = scale.markdown(rows, info, [])
     assert "shared with other jobs" in busy and "5.0 at most" in busy
+
+
+def test_the_stackers_stage_passes_its_thread_choice_to_the_stack_cli(tmp_path):
+    for threads in (0, 3):  # 0: the CLI's own rule (src/stack/threads.py)
+        args = argparse.Namespace(seeds=1, max_rounds=200, gru_epochs=5, stack_threads=threads, emb_dim=8, seed=0,
+                                  n_boot=10)
+        (cmd,) = [c for name, c in scale.stages(tmp_path, 1000, args) if name.startswith("stackers")]
+        assert cmd[cmd.index("--threads") + 1] == str(threads) and cmd[1:3] == ["-m", "src.stack"]
