@@ -189,11 +189,14 @@ def main(argv: list[str] | None = None) -> int:
                         "goal_ratio": GOAL_GPU, "partial": partial, "rows": rows},
                        WORK / "bench" / "train_throughput.json")
             write_text(header + gpu_table(rows), WORK / "bench" / "train_throughput.md")
+
+        def measured(rows: list[dict]) -> None:
+            save(rows)
             print(gpu_table(rows[-1:]).splitlines()[-1], flush=True)
 
         rows = accelerator_rows(cfg, meta, images, rt, args.gpu_backbones.split(","),
                                 [int(s) for s in args.gpu_sizes.split(",")], [False] if args.no_compile else
-                                [False, True], args.batches, args.gpu_batch, on_row=save)
+                                [False, True], args.batches, args.gpu_batch, on_row=measured)
         save(rows, partial=False)
         table, met = gpu_table(rows), all(r["loader_to_model_ratio"] >= GOAL_GPU for r in rows)
         print(header + table)

@@ -128,6 +128,8 @@ def compare(preds: dict[str, pd.DataFrame], meta: pd.DataFrame, n_boot: int = 10
             metrics = METRICS + VOLUME_METRICS
             for name in names:
                 scores[name].update(volumes[name])
+        else:
+            n_positive_volumes = 0  # too few to compare: no volume columns
     rows, diffs = [], []
     for name in names:
         row = {"experiment": name}
@@ -149,7 +151,7 @@ def compare(preds: dict[str, pd.DataFrame], meta: pd.DataFrame, n_boot: int = 10
         diffs.append(row)
     return {"n_images": len(frame), "n_studies": int(frame[STUDY].nunique()),
             "n_positive_studies": int(frame.groupby(STUDY)[ANY].max().sum()), "n_boot": n_boot, "seed": seed,
-            "metrics": list(metrics), "n_positive_volume_studies": n_positive_volumes if metrics != METRICS else 0,
+            "metrics": list(metrics), "n_positive_volume_studies": n_positive_volumes,
             "scores": rows, "differences": diffs}
 
 
