@@ -7,7 +7,9 @@
 # EAGER_S, COMPILE_S, STACK_S), so one that hangs costs only its share, and every log lands in OUT_DIR as it is
 # written. On the first H100 run each model's first batch took 18-80 s (cuDNN autotuning, compiling): all four steps
 # want ~15 minutes, so on a machine lent by the 10 minutes split them, e.g. STEPS="eager compile", then the rest.
-# Without the smoke step the benches read a small synthetic set built here. DRY_RUN=1 prints each step's command.
+# Without the smoke step the benches read a small synthetic set built here. GPU_BACKBONES and GPU_SIZES pick the
+# eager rows; COMPILE_SIZES (default GPU_SIZES) the compiled ones, each of which pays a compile first (e.g. 256 only,
+# to fit one call). DRY_RUN=1 prints each step's command.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${1:-work/gpu_check}"
@@ -48,14 +50,15 @@ elif [[ "$steps" == *" eager "* || "$steps" == *" compile "* ]]; then  # the ben
   data_args=(--data "$small")
 fi
 backbones="${GPU_BACKBONES:-resnet50d,efficientnet_b2,convnext_tiny}"
+sizes="${GPU_SIZES:-256,512}"
 if [[ "$steps" == *" eager "* ]]; then
   step bench_eager "${EAGER_S:-300}" "$PY" bench/train_throughput.py "${data_args[@]}" --no-compile \
-    --gpu-backbones "$backbones"
+    --gpu-backbones "$backbones" --gpu-sizes "$sizes"
   cp work/bench/train_throughput.md "$out/train_throughput_eager.md" 2>/dev/null
 fi
 if [[ "$steps" == *" compile "* ]]; then
   step bench_compile "${COMPILE_S:-300}" "$PY" bench/train_throughput.py "${data_args[@]}" \
-    --gpu-backbones "${backbones%%,*}"
+    --gpu-backbones "${backbones%%,*}" --gpu-sizes "${COMPILE_SIZES:-$sizes}"
   cp work/bench/train_throughput.md "$out/train_throughput_compile.md" 2>/dev/null
 fi
 if [[ "$steps" == *" stack "* ]]; then  # the stackers run on the CPU: LightGBM's fit time on this machine's cores

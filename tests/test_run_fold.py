@@ -97,6 +97,11 @@ def test_gpu_check_runs_the_chosen_steps_and_says_when_there_is_no_gpu(tmp_path)
     assert "small_data" in benches and "bench_eager (77 s)" in benches
     bench_lines = [line for line in benches.splitlines() if line.startswith("[gpu_check] bench_")]
     assert len(bench_lines) == 2 and all("--data work/gpu_check_data" in line for line in bench_lines)
+    assert all(line.endswith("--gpu-sizes 256,512") for line in bench_lines)
+    narrowed = gpu_check(DRY_RUN="1", STEPS="eager compile", GPU_SIZES="256,384", COMPILE_SIZES="256").stdout
+    eager, compiled = [line for line in narrowed.splitlines() if line.startswith("[gpu_check] bench_")]
+    assert eager.endswith("--no-compile --gpu-backbones resnet50d,efficientnet_b2,convnext_tiny --gpu-sizes 256,384")
+    assert compiled.endswith("--gpu-backbones resnet50d --gpu-sizes 256")
     if not __import__("torch").cuda.is_available():
         real = gpu_check()
         assert real.returncode == 1 and "sees no CUDA device: scripts/gpu_check.sh measures a GPU" in real.stderr
