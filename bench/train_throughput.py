@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from src.atomic import write_json, write_text
-from src.cnn.distributed import auto_workers, loader_for
+from src.cnn.distributed import PREFETCH_BATCHES, auto_workers, loader_for
 from src.cnn.loop import make_optimizer, train_one_epoch
 from src.cnn.model import build_model
 from src.cnn.predict import to_input
@@ -43,22 +43,24 @@ GOAL_GPU = 1.5
 GPU_BATCH = {256: 64, 512: 32}  # per size; other sizes scale 64 by area
 
 
-def loader_rate(ds, cfg: Config, batch: int, batches: int) -> float:
-    """images/s of the training loader (seeded items, persistent workers), after the workers have started."""
-    sampler = EpochSampler(len(ds), seed=0)
-    loader = loader_for(SeededItems(ds, 0), cfg, batch, sampler, persistent=True)
-    seen, t0, epoch = 0, None, 0
-    while seen < batches * batch:
-        sampler.set_epoch(epoch)
-        epoch += 1
-        for item in loader:
-            if t0 is None:  # worker start-up is paid once per run, not per batch
-                t0 = time.perf_counter()
-                continue
+def loader_rate(ds, cfg: Config, batch: int, batches: int) -> tuple[float, int]:
+    """Steady-state images/s of the training loader (seeded items, persistent workers, pinned memory on CUDA) and
+    its worker count. One epoch long enough for every worker: the dataset's indices repeated, as a real epoch of
+    thousands of batches keeps them all busy. The first workers x prefetch batches are not timed: they come in a
+    burst, made while the workers started. (The first GPU table timed 4-batch epochs of a 256-item set: 4 of 12
+    workers busy and the queue refilled at every epoch start, so it read the loader at about a tenth of its rate.)"""
+    workers = auto_workers(cfg)
+    skipped, timed = workers * PREFETCH_BATCHES, max(batches, 4 * workers)
+    repeated = np.resize(np.arange(len(ds)), (skipped + timed) * batch)
+    sampler = EpochSampler(len(ds), seed=0, subset=lambda epoch: repeated)
+    loader = loader_for(SeededItems(ds, 0), cfg, batch, sampler, workers=workers, persistent=True)
+    seen, t0 = 0, 0.0
+    for n, item in enumerate(loader):
+        if n == skipped:
+            t0 = time.perf_counter()
+        elif n > skipped:
             seen += len(item["image"])
-            if seen >= batches * batch:
-                break
-    return seen / (time.perf_counter() - t0)
+    return seen / (time.perf_counter() - t0), workers
 
 
 def fake_batches(cfg: Config, batch: int, n: int, pin: bool) -> list[dict]:
@@ -122,14 +124,15 @@ def accelerator_rows(cfg: Config, meta, images, rt: Runtime, backbones: list[str
         size_batch = batch or GPU_BATCH.get(size, max(8, 64 * 256**2 // size**2))
         sized = dataclasses.replace(cfg, image_size=size)
         data = resized_dataset(meta, images, sized, size, n=4 * size_batch)
-        loader = loader_rate(data, sized, size_batch, batches)
-        print(f"loader at {size} px, batch {size_batch}: {loader:.0f} images/s", flush=True)
+        loader, workers = loader_rate(data, sized, size_batch, batches)
+        print(f"loader at {size} px, batch {size_batch}, {workers} workers: {loader:.0f} images/s "
+              f"({loader / max(workers, 1):.0f} per process)", flush=True)
         for backbone in backbones:
             for compiled in compile_modes:
                 run_cfg = dataclasses.replace(sized, backbone=backbone, compile=compiled, log_every=10**9)
                 model = model_rate(run_cfg, rt, size_batch, batches)
                 rows.append({"backbone": backbone, "image_size": size, "batch": size_batch, "compile": compiled,
-                             "model_images_per_s": model, "loader_images_per_s": loader,
+                             "model_images_per_s": model, "loader_images_per_s": loader, "loader_workers": workers,
                              "loader_to_model_ratio": loader / model})
                 if on_row is not None:
                     on_row(rows)
@@ -147,7 +150,7 @@ def gpu_table(rows: list[dict]) -> str:
 
 def cpu_result(ds, cfg: Config, batches: int) -> tuple[dict, str]:
     rt = Runtime(rank=0, world=1, device=torch.device("cpu"), amp_dtype=None, channels_last=False)
-    loader = loader_rate(ds, cfg, cfg.batch_size, batches)
+    loader, _ = loader_rate(ds, cfg, cfg.batch_size, batches)
     train = model_rate(dataclasses.replace(cfg, log_every=10**9), rt, cfg.batch_size, max(3, batches // 4))
     infer = inference_ms(ds, cfg, max(3, batches // 4))
     result = {"loader_images_per_s": loader, "train_images_per_s": train, "loader_to_train_ratio": loader / train,
