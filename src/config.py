@@ -85,6 +85,10 @@ SEGMENTATION_ONLY_KEYS: frozenset[str] = frozenset({
     "seg_epochs", "head_epochs", "joint_epochs", "joint_lambda", "masks", "seg_loss", "weak_pool_r", "weak_refine",
     "seg_balance", "seg_hard_negatives", "seg_full_res", "hu_prior", "volume_feature_grad"})
 
+# What runs saved before a key existed trained with, for keys whose default changed since: a record or checkpoint
+# lacking one must not read as today's default (name hash, leaderboard, resume). Add a key when its default changes.
+BEFORE_KEY_EXISTED: dict[str, Any] = {"volume_feature_grad": True, "seg_hard_negatives": 0.0}
+
 # The readable part of a derived experiment name; they are spelled out there, so the hash leaves them out.
 NAME_KEYS: tuple[str, ...] = ("arch", "backbone", "image_size", "context")
 
@@ -118,11 +122,9 @@ class Config:
     weight_decay: float = 1e-4
     warmup_epochs: float = 0.5
     grad_clip: float = 5.0
-    # The epoch whose weights a fold deploys (best.pt) and predicts its OOF with. last: the final one; the validation
-    # fold is scored every epoch for the curves only. valid: the epoch with the best log loss on the validation fold,
-    # the very rows its OOF then scores, so the CV is optimistic (the 12-epoch classifier's five folds read 0.180
-    # where their last epochs score 0.187; README, "Epoch selection"). It was this code's default, as it is in most
-    # public RSNA kernels.
+    # The epoch whose weights a fold deploys (best.pt) and predicts its OOF with. last: the final one (the validation
+    # fold is scored for the curves only). valid: the best on the validation fold, the rows its OOF then scores, so the
+    # CV is optimistic (0.180 against 0.187 for the 12-epoch classifier; README, "Epoch selection").
     select_epoch: str = "last"
     # select_epoch=valid only (it judges epochs on the validation fold): epochs without improvement of its log loss
     # before the run stops; 0 = off. Ends only the final phase, in its second half (src/cnn/fit.py::may_stop_early).
@@ -139,10 +141,8 @@ class Config:
     masks: str = "auto"  # full: painted masks | none: weak (slice labels through the pooled map) | auto: full if any
     seg_loss: str = "bce_dice"  # bce | bce_dice | bce_batch_dice (+ soft Dice per slice, or over the batch)
     weak_pool_r: float = 2.0  # masks=none: log-sum-exp pooling sharpness (large = max, small = mean)
-    # masks=none: after the segment-only epochs, positives also train the pixel loss on pseudo-masks (their own map at
-    # the cutoff calibrated on known-empty slices; src/cnn/pseudo_masks.py). Over five folds (last epochs) a little
-    # better on every figure, each within the noise: off by default until a second data set agrees, on in
-    # configs/real_rsna_bloodnet.yaml (README, BloodNet section)
+    # masks=none: after the segment-only epochs, positives also train the pixel loss on pseudo-masks (src/cnn/
+    # pseudo_masks.py): over five folds a little better on every figure, within the noise; on in real_rsna_bloodnet
     weak_refine: bool = False
     seg_balance: bool = True  # segment-only epochs draw every slice with blood and as many empty ones (~2/5 the cost)
     # one more decoder block at the input's resolution, with the image itself as its skip: the encoder's finest
@@ -151,11 +151,12 @@ class Config:
     hu_prior: bool = False  # gate the blood map by a soft acute-blood Hounsfield range (constants.BLOOD_HU)
     # false: the head reads the volume feature without passing its gradient back into the map, so only the pixel
     # loss shapes the map. true (the paper's, end to end): the classification loss can lower itself by painting
-    # blood on slices it believes positive, wherever on the slice, which inflates the volume it reports
-    volume_feature_grad: bool = True
+    # blood on slices it believes positive. false with seg_hard_negatives 0.5: with masks, a better log loss and slice
+    # AUC than true with 0 over two seeds of five folds (README, BloodNet section); weak mode: one fold only
+    volume_feature_grad: bool = False
     # seg_balance's negatives: 0 = uniform; h in (0, 1] = drawn with weight (1 - h)/n + h x (share of the slice's
     # hyperdense pixels, constants.HYPERDENSE_HU): the falx, sinuses, vessels and skull edges the map mistakes for blood
-    seg_hard_negatives: float = 0.0
+    seg_hard_negatives: float = 0.5
     # training engine (GPU-ready loop): EMA, accumulation, seeds, compile, logging
     ema: bool = False  # validate, keep and predict with timm's ModelEmaV3 average of the weights
     ema_decay: float = 0.999  # reached after timm's warmup (decay grows from 0 with the optimizer step)
@@ -194,8 +195,10 @@ class Config:
 
 def training_overrides(values: dict[str, Any]) -> dict[str, Any]:
     """{dotted key: value} of a config (as dataclasses.asdict gives it, or as a run record saved it) where it differs
-    from today's defaults and changes training; keys a saved record lacks count as their default."""
-    return changed_keys(values, dataclasses.asdict(Config()), skip=NON_TRAINING_KEYS | set(NAME_KEYS))
+    from today's defaults and changes training; a key a saved record lacks counts as BEFORE_KEY_EXISTED says, else as
+    its default."""
+    return changed_keys(values, dataclasses.asdict(Config()), skip=NON_TRAINING_KEYS | set(NAME_KEYS),
+                        absent=BEFORE_KEY_EXISTED)
 
 
 def coerce(value: Any, current: Any, key: str) -> Any:

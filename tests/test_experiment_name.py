@@ -8,7 +8,7 @@ import torch
 
 import src.config
 from src.cnn.checkpoints import config_from_dict, load_checkpoint, save_checkpoint
-from src.config import NAME_KEYS, NON_TRAINING_KEYS, Config, load_config
+from src.config import BEFORE_KEY_EXISTED, NAME_KEYS, NON_TRAINING_KEYS, Config, load_config, training_overrides
 from src.errors import InputError
 from src.naming import flatten
 
@@ -118,6 +118,20 @@ def test_the_keys_left_out_of_the_hash_exist():
     # A misspelt or renamed entry would silently put a runtime key back into every name (or leave one out).
     fields = {f.name for f in dataclasses.fields(Config)}
     assert not NON_TRAINING_KEYS - fields and not set(NAME_KEYS) - fields
+
+
+def test_a_record_from_before_a_key_whose_default_changed_reads_as_it_trained():
+    """volume_feature_grad came in as true and is false today: a run record saved before the key existed was trained
+    end to end, and the leaderboard and names must say so, not read it as today's default. A key whose default never
+    changed (seg_full_res) still counts as its default."""
+    assert set(BEFORE_KEY_EXISTED) <= {f.name for f in dataclasses.fields(Config)}
+    assert all(getattr(Config(), key) != value for key, value in BEFORE_KEY_EXISTED.items())  # else not needed
+    old = dataclasses.asdict(load_config())
+    for key in (*BEFORE_KEY_EXISTED, "seg_full_res"):
+        del old[key]
+    assert training_overrides(old) == BEFORE_KEY_EXISTED
+    trained_so = load_config(None, [f"{k}={v}" for k, v in BEFORE_KEY_EXISTED.items()])
+    assert training_overrides(dataclasses.asdict(trained_so)) == training_overrides(old)
 
 
 def test_resume_across_cache_formats_and_from_before_the_key(tmp_path):

@@ -122,33 +122,40 @@ def test_lr_schedule_warmup_then_cosine():
 
 def test_checkpoint_from_before_a_new_key_still_resumes(tmp_path):
     """A key added to the code after a checkpoint was saved counts as its default (as in the experiment name), so
-    the run still resumes and re-predicts; a real change, nested ones included, is still refused by name."""
+    the run still resumes and re-predicts, unless the key's default has changed since: then it counts as what such
+    runs trained with (BEFORE_KEY_EXISTED), and today's default is refused by name. A real change, nested ones
+    included, is still refused by name."""
     import dataclasses
 
     import torch
 
     from src.cnn.checkpoints import load_checkpoint, save_checkpoint
+    from src.config import BEFORE_KEY_EXISTED
     from src.errors import InputError
 
-    cfg = load_config(None, ["arch=bloodnet"])
+    as_trained = [f"{key}={value}" for key, value in BEFORE_KEY_EXISTED.items()]
+    cfg = load_config(None, ["arch=bloodnet", *as_trained])
     path = tmp_path / "last.pt"
     save_checkpoint(path, torch.nn.Linear(2, 2), cfg, epoch=1)
     state = torch.load(path, weights_only=False)
     old = dataclasses.asdict(cfg)
-    del old["seg_hard_negatives"], old["aug"][next(iter(old["aug"]))]  # saved before these keys existed
+    del old["seg_full_res"], old["aug"][next(iter(old["aug"]))]  # saved before these keys existed
+    for key in BEFORE_KEY_EXISTED:
+        del old[key]
     torch.save({**state, "config": old}, path)
     assert load_checkpoint(path, cfg)["epoch"] == 1
-    changed = load_config(None, ["arch=bloodnet", "seg_hard_negatives=0.5"])
-    with pytest.raises(InputError, match=r"other settings \(seg_hard_negatives\)"):
-        load_checkpoint(path, changed)
+    with pytest.raises(InputError, match=r"other settings \(seg_hard_negatives, volume_feature_grad\)"):
+        load_checkpoint(path, load_config(None, ["arch=bloodnet"]))  # today's defaults: not what it trained with
+    with pytest.raises(InputError, match=r"other settings \(seg_full_res\)"):
+        load_checkpoint(path, load_config(None, ["arch=bloodnet", *as_trained, "seg_full_res=true"]))
     aug_key = next(iter(old["aug"]))  # a key the old checkpoint still has
     value = old["aug"][aug_key]
     other = (not value) if isinstance(value, bool) else value * 2 + 1
-    changed = load_config(None, ["arch=bloodnet", f"aug.{aug_key}={other}"])
+    changed = load_config(None, ["arch=bloodnet", *as_trained, f"aug.{aug_key}={other}"])
     with pytest.raises(InputError, match=r"other settings \(aug\)"):
         load_checkpoint(path, changed)
     # BloodNet never reads `epochs` (its three phases have their own): not a reason to refuse.
-    assert load_checkpoint(path, load_config(None, ["arch=bloodnet", "epochs=9"]))["epoch"] == 1
+    assert load_checkpoint(path, load_config(None, ["arch=bloodnet", *as_trained, "epochs=9"]))["epoch"] == 1
 
 
 def test_a_classifier_checkpoint_ignores_bloodnet_only_keys(tmp_path):

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from src.atomic import atomic_path
-from src.config import AFTER_TRAINING_SECTIONS, Config, unused_keys
+from src.config import AFTER_TRAINING_SECTIONS, BEFORE_KEY_EXISTED, Config, unused_keys
 from src.errors import InputError
 from src.naming import flatten
 
@@ -47,12 +47,14 @@ def load_checkpoint(path: Path, cfg: Config) -> dict[str, Any] | None:
         return None
     state = read_checkpoint(path)
     # Compared key by key (dotted for the nested sections); a key the checkpoint's config lacks was added to the
-    # code after it was saved and counts as its default, as in the experiment name (src/naming.py).
+    # code after it was saved and counts as what such runs trained with (BEFORE_KEY_EXISTED), else as its default,
+    # as in the experiment name (src/naming.py).
     now, then = flatten(dataclasses.asdict(cfg)), flatten(state.get("config", {}))
     defaults = flatten(dataclasses.asdict(Config()))
     ignored = RESUME_SAFE_KEYS | unused_keys(cfg.arch)
     changed = sorted({k.split(".")[0] for k in now
-                      if k.split(".")[0] not in ignored and now[k] != then.get(k, defaults.get(k))})
+                      if k.split(".")[0] not in ignored
+                      and now[k] != then.get(k, BEFORE_KEY_EXISTED.get(k, defaults.get(k)))})
     if changed:
         raise InputError(
             f"{path}: checkpoint was trained with other settings ({', '.join(changed)}); "
