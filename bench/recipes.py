@@ -60,58 +60,65 @@ class Recipe:
 # Segment epochs are balanced (seg_balance: every painted slice and as many empty ones, ~2/5 of an epoch). An epoch
 # costs ~ pixels, so 96 px affords ~1.8x the epochs of 128 px and 160 px ~0.65x; context widens only the first
 # convolution. Listed in the order they run, the ones the decisions hang on first.
-AT_128: tuple[str, ...] = ("image_size=128", "seg_epochs=4", "joint_epochs=3")
+# Until stop 26 the volume feature passed its gradient into the map and segment epochs drew negatives uniformly:
+# `BEFORE` spells that out for every BloodNet row measured then (a classifier never reads either key).
+BEFORE: tuple[str, ...] = ("volume_feature_grad=true", "seg_hard_negatives=0")
+AT_128: tuple[str, ...] = (*BEFORE, "image_size=128", "seg_epochs=4", "joint_epochs=3")
 RECIPES: tuple[Recipe, ...] = (
-    Recipe("default", "the default: BloodNet, 96 px, context 1, 3 balanced segment + 1 head + 6 joint epochs"),
+    Recipe("default", "the default: BloodNet, 96 px, context 1, 3 balanced segment + 1 head + 6 joint epochs, the "
+           "volume feature's gradient kept out of the map, hard negatives 0.5"),
     Recipe("seed1", "the default again with seed 1: how much of a row is the draw", ("seed=1",)),
+    Recipe("default-before", "the default until stop 26: the volume feature's gradient into the map, uniform "
+           "negatives", BEFORE),
+    Recipe("seed1-before", "default-before with seed 1", (*BEFORE, "seed=1")),
     Recipe("128px", "128 px, 4 balanced segment + 1 + 3 (the default before the 96 px runs)", AT_128),
     Recipe("128px-nomask-hu", "128px without masks (weak: pooled map) + Hounsfield prior",
            (*AT_128, "masks=none", "hu_prior=true")),
     Recipe("128px-nomask", "128px without masks (weak: pooled map), no prior", (*AT_128, "masks=none")),
     Recipe("128px-batchdice", "128px with BCE + Dice over the batch", (*AT_128, "seg_loss=bce_batch_dice")),
     Recipe("128px-hardneg", "128px, segment epochs' negatives skewed to hyperdense slices",
-           (*AT_128, "seg_hard_negatives=0.5")),
-    Recipe("hardneg", "the default, segment epochs' negatives skewed to hyperdense slices",
-           ("seg_hard_negatives=0.5",)),
+           (*AT_128, "seg_hard_negatives=0.5")),  # the later key wins
+    Recipe("hardneg", "default-before with the segment epochs' negatives skewed to hyperdense slices",
+           ("volume_feature_grad=true", "seg_hard_negatives=0.5")),
     Recipe("seg8", "the default with 8 balanced segment epochs instead of 3 (~+75 s): more for the map to learn",
-           ("seg_epochs=8",)),
+           (*BEFORE, "seg_epochs=8")),
     Recipe("nomask", "the default without masks (weak: slice labels through the pooled map), as on the real data",
-           ("masks=none",)),
+           (*BEFORE, "masks=none")),
     Recipe("nomask-refine", "nomask, then pseudo-masks from the map itself after the segment epochs",
-           ("masks=none", "weak_refine=true")),
+           (*BEFORE, "masks=none", "weak_refine=true")),
     Recipe("nomask-r4", "nomask with sharper pooling of the map (log-sum-exp r = 4, nearer max pooling)",
-           ("masks=none", "weak_pool_r=4")),
+           (*BEFORE, "masks=none", "weak_pool_r=4")),
     Recipe("nomask-joint", "nomask trained classification-first: no segment-only or head-only epochs, 7 joint (the "
-           "same minutes)", ("masks=none", "seg_epochs=0", "head_epochs=0", "joint_epochs=7")),
+           "same minutes)", (*BEFORE, "masks=none", "seg_epochs=0", "head_epochs=0", "joint_epochs=7")),
     Recipe("nomask-lambda", "nomask with a lighter weak term in the joint epochs (lambda 0.25 instead of 0.5)",
-           ("masks=none", "joint_lambda=0.25")),
+           (*BEFORE, "masks=none", "joint_lambda=0.25")),
     Recipe("nomask-lambda-refine", "nomask with both: the lighter weak term and pseudo-masks (five folds: the best "
-           "weak run; configs/real_rsna_bloodnet.yaml)", ("masks=none", "joint_lambda=0.25", "weak_refine=true")),
-    Recipe("volume-nograd", "the default with the volume feature's gradient stopped: only the pixel loss shapes "
-           "the map", ("volume_feature_grad=false",)),
-    Recipe("volume-nograd-hardneg", "volume-nograd with the segment epochs' negatives skewed to hyperdense slices",
-           ("volume_feature_grad=false", "seg_hard_negatives=0.5")),
+           "weak run; configs/real_rsna_bloodnet.yaml)",
+           (*BEFORE, "masks=none", "joint_lambda=0.25", "weak_refine=true")),
+    Recipe("volume-nograd", "the volume feature's gradient kept out of the map (only the pixel loss shapes it), "
+           "uniform negatives", ("seg_hard_negatives=0",)),
     Recipe("fullres", "the default with one more decoder block at the input's size, reading the image",
-           ("seg_full_res=true",)),
+           (*BEFORE, "seg_full_res=true")),
     Recipe("classifier-96px", "plain timm classifier at the default's size and context, 8 epochs (BloodNet's 3 "
            "balanced + 1 + 6 see ~8 epochs of images)", ("arch=classifier", "epochs=8")),
     Recipe("classifier-96px-seed1", "classifier-96px again with seed 1", ("arch=classifier", "epochs=8", "seed=1")),
     Recipe("classifier-96px-12ep", "classifier-96px, 12 epochs (~BloodNet's training minutes)",
            ("arch=classifier", "epochs=12")),
-    Recipe("96px-longer", "the default, longer still (4 + 1 + 9)", ("seg_epochs=4", "joint_epochs=9")),
+    Recipe("96px-longer", "the default, longer still (4 + 1 + 9)", (*BEFORE, "seg_epochs=4", "joint_epochs=9")),
     Recipe("classifier-c0", "plain timm classifier, 128 px, no context (6 epochs)",
            ("arch=classifier", "image_size=128", "context=0")),
     Recipe("classifier", "plain timm classifier, 128 px, context 1 (6 epochs)", ("arch=classifier", "image_size=128")),
     Recipe("c0-seg2", "last stop's default, segment epochs balanced: 128 px, context 0, 2 + 1 + 3",
-           ("image_size=128", "context=0", "seg_epochs=2", "joint_epochs=3")),
-    Recipe("seg2", "128 px, context 1, 2 segment + 1 + 3", ("image_size=128", "seg_epochs=2", "joint_epochs=3")),
+           (*BEFORE, "image_size=128", "context=0", "seg_epochs=2", "joint_epochs=3")),
+    Recipe("seg2", "128 px, context 1, 2 segment + 1 + 3",
+           (*BEFORE, "image_size=128", "seg_epochs=2", "joint_epochs=3")),
     Recipe("c2-seg2", "128 px, context 2 (15 channels), 2 segment + 1 + 3",
-           ("image_size=128", "context=2", "seg_epochs=2", "joint_epochs=3")),
+           (*BEFORE, "image_size=128", "context=2", "seg_epochs=2", "joint_epochs=3")),
     Recipe("c0-seg2-ema", "c0-seg2 + EMA of the weights",
-           ("image_size=128", "context=0", "seg_epochs=2", "joint_epochs=3", "ema=true")),
-    Recipe("c0-96px-long", "c0-seg2 at 96 px, longer (3 + 1 + 6)", ("context=0",)),
+           (*BEFORE, "image_size=128", "context=0", "seg_epochs=2", "joint_epochs=3", "ema=true")),
+    Recipe("c0-96px-long", "c0-seg2 at 96 px, longer (3 + 1 + 6)", (*BEFORE, "context=0")),
     Recipe("c0-160px-short", "c0-seg2 at 160 px, shorter (1 + 1 + 2)",
-           ("context=0", "image_size=160", "seg_epochs=1", "joint_epochs=2")),
+           (*BEFORE, "context=0", "image_size=160", "seg_epochs=1", "joint_epochs=2")),
 )
 # Applied after each recipe's own keys in --quick mode.
 QUICK: tuple[str, ...] = ("image_size=64", "limit_train_batches=2", "batch_size=16", "epochs=1", "seg_epochs=0",
