@@ -82,8 +82,9 @@ RECIPES: tuple[Recipe, ...] = (
            ("volume_feature_grad=true", "seg_hard_negatives=0.5")),
     Recipe("seg8", "the default with 8 balanced segment epochs instead of 3 (~+75 s): more for the map to learn",
            (*BEFORE, "seg_epochs=8")),
-    Recipe("nomask", "the default without masks (weak: slice labels through the pooled map), as on the real data",
-           (*BEFORE, "masks=none")),
+    Recipe("nomask", "default-before without masks (weak: slice labels through the pooled map), as on the real "
+           "data", (*BEFORE, "masks=none")),
+    Recipe("nomask-default", "today's default without masks (weak): are its two keys safe there too?", ("masks=none",)),
     Recipe("nomask-refine", "nomask, then pseudo-masks from the map itself after the segment epochs",
            (*BEFORE, "masks=none", "weak_refine=true")),
     Recipe("nomask-r4", "nomask with sharper pooling of the map (log-sum-exp r = 4, nearer max pooling)",
