@@ -48,7 +48,7 @@ def loader_rate(ds, cfg: Config, batch: int, batches: int) -> tuple[float, int]:
     its worker count. One epoch long enough for every worker: the dataset's indices repeated, as a real epoch of
     thousands of batches keeps them all busy. The first workers x prefetch batches are not timed: they come in a
     burst, made while the workers started. (The first GPU table timed 4-batch epochs of a 256-item set: 4 of 12
-    workers busy and the queue refilled at every epoch start, so it read the loader at about a tenth of its rate.)"""
+    workers busy and the queue refilled at every epoch start, so it read the loader at about a quarter of its rate.)"""
     workers = auto_workers(cfg)
     skipped, timed = workers * PREFETCH_BATCHES, max(batches, 4 * workers)
     repeated = np.resize(np.arange(len(ds)), (skipped + timed) * batch)

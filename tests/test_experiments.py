@@ -52,6 +52,18 @@ def test_leaderboard_reads_two_experiments_grouped_by_folds_then_sorted_by_cv(tw
     assert first["arch"] == "bloodnet" and first["image_size"] == load_config().image_size
 
 
+def test_a_classifier_lists_no_bloodnet_key_it_never_read(tmp_path):
+    """A classifier trained when a BloodNet default was different (its record holds the old volume_feature_grad and
+    seg_hard_negatives) lists only the keys it reads; a BloodNet run with the same old keys lists them."""
+    old = ["volume_feature_grad=true", "seg_hard_negatives=0", "lr=3e-4"]
+    classifier, bloodnet = load_config(None, ["arch=classifier", *old]), load_config(None, ["arch=bloodnet", *old])
+    _fold(tmp_path / classifier.exp_name, 0, wll=0.2, auc_any=0.9, n=100, cfg=classifier)
+    _fold(tmp_path / bloodnet.exp_name, 0, wll=0.2, auc_any=0.9, n=100, cfg=bloodnet)
+    settings = leaderboard(tmp_path).set_index("arch")["other_settings"]
+    assert settings["classifier"] == "lr=0.0003"
+    assert settings["bloodnet"] == "lr=0.0003 seg_hard_negatives=0.0 volume_feature_grad=True"
+
+
 def test_cli_prints_and_writes_the_table(two_experiments, capsys):
     root, slow, fast = two_experiments
     assert main(["--oof-root", str(root), "--out", str(root / "lb")]) == 0

@@ -106,7 +106,7 @@ class SlowItems(torch.utils.data.Dataset):
 
 def test_loader_rate_keeps_every_worker_busy_on_a_small_set():
     """8 items, batches of 4, 4 workers: an epoch of the set itself holds only 2 batches, so 2 workers would idle
-    and the queue refill at each epoch (about half the rate; the first GPU table read a tenth). The bench times one
+    and the queue refill at each epoch (about half the rate; the first GPU table read a quarter). The bench times one
     long epoch of repeated indices after the start-up burst: 4 workers x 4 items / (4 x 20 ms) = 200 images/s."""
     cfg = load_config(None, ["num_workers=4"])
     rate, workers = bench_module().loader_rate(SlowItems(), cfg, batch=4, batches=10)

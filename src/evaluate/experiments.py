@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from src.atomic import write_csv, write_text
-from src.config import NAME_KEYS, training_overrides
+from src.config import NAME_KEYS, training_overrides, unused_keys
 from src.errors import InputError, run_cli
 from src.markdown import markdown_table
 from src.naming import describe
@@ -96,7 +96,11 @@ def experiment_row(pred_dir: Path) -> dict | None:
     row.setdefault("blend_auc_any", float("nan"))
     row["train_min"] = train_minutes(pred_dir, folds)
     row.update({key: config.get(key, "") for key in NAME_KEYS})
-    row["other_settings"] = describe(training_overrides(config)) if config else "(no run record)"
+    # Keys the arch never reads are left out: a classifier trained when a BloodNet default was different would
+    # otherwise list that old default as one of its settings.
+    unread = unused_keys(config.get("arch", "")) if config else frozenset()
+    settings = {k: v for k, v in training_overrides(config).items() if k.split(".")[0] not in unread} if config else {}
+    row["other_settings"] = describe(settings) if config else "(no run record)"
     return row
 
 
