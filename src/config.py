@@ -17,7 +17,7 @@ import yaml
 
 from src.constants import CACHE_FORMATS, LABEL_WEIGHTS
 from src.errors import InputError
-from src.naming import changed_keys, derived_name
+from src.naming import as_trained, changed_keys, derived_name
 from src.paths import OOF_DIR, ROOT
 
 
@@ -194,11 +194,11 @@ class Config:
 
 
 def training_overrides(values: dict[str, Any]) -> dict[str, Any]:
-    """{dotted key: value} of a config (as dataclasses.asdict gives it, or as a run record saved it) where it differs
-    from today's defaults and changes training; a key a saved record lacks counts as BEFORE_KEY_EXISTED says, else as
-    its default."""
-    return changed_keys(values, dataclasses.asdict(Config()), skip=NON_TRAINING_KEYS | set(NAME_KEYS),
-                        absent=BEFORE_KEY_EXISTED)
+    """{dotted key: value} of a config (asdict or a saved run record; a key it lacks read by as_trained) where it
+    differs from today's defaults and changes training."""
+    defaults = dataclasses.asdict(Config())
+    return changed_keys(as_trained(values, defaults, BEFORE_KEY_EXISTED), defaults,
+                        skip=NON_TRAINING_KEYS | set(NAME_KEYS))
 
 
 def coerce(value: Any, current: Any, key: str) -> Any:

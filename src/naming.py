@@ -21,15 +21,19 @@ def flatten(values: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
-def changed_keys(values: dict[str, Any], defaults: dict[str, Any], skip: Collection[str],
-                 absent: dict[str, Any] | None = None) -> dict[str, Any]:
+def as_trained(values: dict[str, Any], defaults: dict[str, Any], absent: dict[str, Any]) -> dict[str, Any]:
+    """`values` flattened over every key of `defaults`. A key it lacks (a record saved before the key existed) counts
+    as `absent[key]`, what such runs trained with, where given, else as its default."""
+    flat = flatten(values)
+    return {key: flat.get(key, absent.get(key, default)) for key, default in flatten(defaults).items()}
+
+
+def changed_keys(values: dict[str, Any], defaults: dict[str, Any], skip: Collection[str]) -> dict[str, Any]:
     """Dotted keys of `values` that differ from `defaults`, leaving out those whose top-level name is in `skip`.
-    A key `values` lacks (a record saved before the key existed) counts as `absent[key]`, the value such runs were
-    trained with, where given, else as its default."""
-    flat, base, absent = flatten(values), flatten(defaults), absent or {}
-    read = {key: flat.get(key, absent.get(key, default)) for key, default in base.items()}
-    return {key: read[key] for key, default in sorted(base.items())
-            if key.split(".")[0] not in skip and read[key] != default}
+    A key `values` lacks counts as its default (as_trained first, for records that predate a changed default)."""
+    flat, base = flatten(values), flatten(defaults)
+    return {key: flat.get(key, default) for key, default in sorted(base.items())
+            if key.split(".")[0] not in skip and flat.get(key, default) != default}
 
 
 def derived_name(readable: str, overrides: dict[str, Any]) -> str:

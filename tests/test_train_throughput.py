@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import time
 
 import pytest
 import torch
@@ -100,7 +101,7 @@ class SlowItems(torch.utils.data.Dataset):
         return 8
 
     def __getitem__(self, i: int) -> dict:
-        __import__("time").sleep(self.ITEM_S)
+        time.sleep(self.ITEM_S)
         return {"image": torch.zeros(1, 2, 2)}
 
 

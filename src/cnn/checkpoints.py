@@ -14,7 +14,7 @@ from torch import nn
 from src.atomic import atomic_path
 from src.config import AFTER_TRAINING_SECTIONS, BEFORE_KEY_EXISTED, Config, unused_keys
 from src.errors import InputError
-from src.naming import flatten
+from src.naming import as_trained, flatten
 
 # Keys that may change between a kill and a resume without invalidating the checkpoint.
 # `seeds` may grow: the seeds already trained are kept and the new ones train beside them. data_dir: the same data
@@ -47,14 +47,11 @@ def load_checkpoint(path: Path, cfg: Config) -> dict[str, Any] | None:
         return None
     state = read_checkpoint(path)
     # Compared key by key (dotted for the nested sections); a key the checkpoint's config lacks was added to the
-    # code after it was saved and counts as what such runs trained with (BEFORE_KEY_EXISTED), else as its default,
-    # as in the experiment name (src/naming.py).
-    now, then = flatten(dataclasses.asdict(cfg)), flatten(state.get("config", {}))
-    defaults = flatten(dataclasses.asdict(Config()))
+    # code after it was saved and is read as the experiment name reads it (src/naming.py::as_trained).
+    now = flatten(dataclasses.asdict(cfg))
+    then = as_trained(state.get("config", {}), dataclasses.asdict(Config()), BEFORE_KEY_EXISTED)
     ignored = RESUME_SAFE_KEYS | unused_keys(cfg.arch)
-    changed = sorted({k.split(".")[0] for k in now
-                      if k.split(".")[0] not in ignored
-                      and now[k] != then.get(k, BEFORE_KEY_EXISTED.get(k, defaults.get(k)))})
+    changed = sorted({k.split(".")[0] for k in now if k.split(".")[0] not in ignored and now[k] != then[k]})
     if changed:
         raise InputError(
             f"{path}: checkpoint was trained with other settings ({', '.join(changed)}); "

@@ -96,11 +96,11 @@ def experiment_row(pred_dir: Path) -> dict | None:
     row.setdefault("blend_auc_any", float("nan"))
     row["train_min"] = train_minutes(pred_dir, folds)
     row.update({key: config.get(key, "") for key in NAME_KEYS})
-    # Keys the arch never reads are left out: a classifier trained when a BloodNet default was different would
-    # otherwise list that old default as one of its settings.
-    unread = unused_keys(config.get("arch", "")) if config else frozenset()
-    settings = {k: v for k, v in training_overrides(config).items() if k.split(".")[0] not in unread} if config else {}
-    row["other_settings"] = describe(settings) if config else "(no run record)"
+    row["other_settings"] = "(no run record)"
+    if config:  # keys the arch never reads left out: a classifier's record keeps BloodNet defaults of its day
+        unread = unused_keys(config.get("arch", ""))
+        row["other_settings"] = describe({k: v for k, v in training_overrides(config).items()
+                                          if k.split(".")[0] not in unread})
     return row
 
 
