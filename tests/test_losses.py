@@ -12,6 +12,7 @@ from src.cnn.losses import (
     masked_seg_loss,
     soft_dice_loss,
     training_loss,
+    tversky_loss,
     weak_seg_loss,
     weighted_bce,
 )
@@ -154,3 +155,25 @@ def test_training_loss_composes_phase_and_mask_mode():
         training_loss(out, batch, Phase("segment", 1, 1.0), load_config(None, []), w)  # masks=auto unresolved
     with pytest.raises(InputError, match="seg_loss"):
         masked_seg_loss(right, mask, torch.tensor([1]), "focal")
+
+
+def test_tversky_costs_a_missed_pixel_more_than_a_false_one():
+    """On the toy blob: painting it 3 pixels short costs more than painting it 3 pixels too wide, by a ratio near twice
+    Dice's (Dice: 3/16 against 3/22; Tversky: 2.1/9.1 against 0.9/10.9), the right mask beats both, and the index
+    equals the hand formula TP / (TP + 0.3 FP + 0.7 FN)."""
+    mask, right, _, _ = _toy()
+    short = right.clone()
+    short[0, 0, 6, 6:9] = -6.0  # one row of the blob missed: 3 pixels
+    wide = right.clone()
+    wide[0, 0, 5, 6:9] = 6.0  # one row of false blood beside it: 3 pixels
+    cost = {name: float(tversky_loss(logits, mask)) for name, logits in
+            (("right", right), ("short", short), ("wide", wide))}
+    assert cost["right"] < cost["wide"] < cost["short"]
+    dice_ratio = float(soft_dice_loss(short, mask) / soft_dice_loss(wide, mask))
+    assert math.isclose(dice_ratio, 22 / 16, rel_tol=0.03)  # logits ±6 are p = 0.9975, not 1
+    assert cost["short"] / cost["wide"] > 1.6 * dice_ratio
+    state = torch.tensor([1])
+    assert masked_seg_loss(short, mask, state, "bce_tversky") > masked_seg_loss(wide, mask, state, "bce_tversky")
+    half = torch.zeros(1, 1, 2, 2)  # p = 0.5 on 2 blood and 2 empty pixels: TP 1, FP 1, FN 1
+    target = torch.tensor([[[[1.0, 1.0], [0.0, 0.0]]]])
+    assert math.isclose(float(tversky_loss(half, target)), 1 - 2.0 / (2.0 + 0.3 + 0.7), rel_tol=1e-6)
