@@ -98,6 +98,8 @@ RECIPES: tuple[Recipe, ...] = (
            (*BEFORE, "masks=none", "joint_lambda=0.25", "weak_refine=true")),
     Recipe("volume-nograd", "the volume feature's gradient kept out of the map (only the pixel loss shapes it), "
            "uniform negatives", ("seg_hard_negatives=0",)),
+    Recipe("tversky", "the default with BCE + Tversky per slice (a missed blood pixel costs 0.7, a false one 0.3) "
+           "for BCE + Dice: against the small bleeds the map misses", ("seg_loss=bce_tversky",)),
     Recipe("fullres", "the default with one more decoder block at the input's size, reading the image",
            (*BEFORE, "seg_full_res=true")),
     Recipe("classifier-96px", "plain timm classifier at the default's size and context, 8 epochs (BloodNet's 3 "

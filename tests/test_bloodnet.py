@@ -374,6 +374,20 @@ def test_volume_intervals_bracket_the_figures_and_collapse_when_exact():
     assert "mdape_ci95" not in volumes.volume_summary(table.iloc[[0, 1, 12]])  # two positive studies: no interval
 
 
+def test_volume_error_by_size_splits_at_the_median_true_volume():
+    """Small bleeds read at half their size and large ones exactly: the halves say so, the pooled median cannot."""
+    true = np.array([1000.0, 2000.0, 3000.0, 10000.0, 20000.0, 30000.0])
+    pred = np.where(true < 5000, true / 2, true)
+    table = pd.DataFrame({"true_volume_mm3": [*true, 0.0], "pred_volume_mm3": [*pred, 50.0]})
+    table["pred_volume_ml"] = table["pred_volume_mm3"] / 1000.0
+    table["abs_pct_error"] = 100 * (table["pred_volume_mm3"] / table["true_volume_mm3"] - 1).abs()
+    by_size = volumes.volume_summary(table, n_boot=0)["by_size"]
+    assert by_size["small"] == {"n_studies": 3, "mdape_percent": pytest.approx(50.0), "median_ratio": 0.5,
+                                "median_true_ml": 2.0}
+    assert by_size["large"] == {"n_studies": 3, "mdape_percent": 0.0, "median_ratio": 1.0, "median_true_ml": 20.0}
+    assert "by_size" not in volumes.volume_summary(table.iloc[[0, 1, 2, 6]], n_boot=0)  # three positive studies
+
+
 def test_volume_error_by_hemorrhage_type():
     """Per type, over the positive studies that have it (B has two types and counts in both): A 10%, B 50%, C 0%."""
     pred, meta, true = _volume_inputs()

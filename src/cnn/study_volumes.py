@@ -126,7 +126,23 @@ def volume_summary(table: pd.DataFrame, n_boot: int = VOLUME_N_BOOT) -> dict:
     out = {k: _json_safe(v) for k, v in out.items()}
     if by_type := error_by_type(pos):
         out["by_type"] = by_type
+    if by_size := error_by_size(pos):
+        out["by_size"] = by_size
     return out
+
+
+def error_by_size(pos: pd.DataFrame) -> dict:
+    """{"small", "large": studies, MdAPE, median predicted/true, median true mL} of the positive studies below and
+    from the median true volume: the two halves fail differently (a small bleed missed, a large one's edge drawn
+    wide), which one pooled median hides. Empty under four positive studies: halves of one say nothing."""
+    if len(pos) < 4:
+        return {}
+    cut = float(pos["true_volume_mm3"].median())
+    halves = {"small": pos[pos["true_volume_mm3"] < cut], "large": pos[pos["true_volume_mm3"] >= cut]}
+    return {name: {"n_studies": len(half), "mdape_percent": float(half["abs_pct_error"].median()),
+                   "median_ratio": float((half["pred_volume_mm3"] / half["true_volume_mm3"]).median()),
+                   "median_true_ml": float(half["true_volume_mm3"].median() / 1000.0)}
+            for name, half in halves.items()}
 
 
 def error_by_type(pos: pd.DataFrame) -> dict:

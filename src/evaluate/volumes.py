@@ -98,10 +98,14 @@ def run_volumes(pred: Path, data_dir: Path | None = None) -> dict:
         if by_type := summary.get("by_type"):
             print("by type: " + "; ".join(f"{kind} MdAPE {v['mdape_percent']:.0f}% over {v['n_studies']} studies "
                                           f"(median {v['median_true_ml']:.1f} mL)" for kind, v in by_type.items()))
+        if by_size := summary.get("by_size"):
+            print("by size (halves at the median true volume): " + "; ".join(
+                f"{half} MdAPE {v['mdape_percent']:.0f}%, predicted/true {v['median_ratio']:.2f} over {v['n_studies']} "
+                f"studies (median {v['median_true_ml']:.1f} mL)" for half, v in by_size.items()))
     else:
         print(f"note: {true_csv} not found; no true volumes, no error or scatter plot")
     print(", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in summary.items()
-                    if k != "by_type"))
+                    if k not in ("by_type", "by_size")))
     print(f"wrote {out_dir}")
     return summary
 
