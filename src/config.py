@@ -139,7 +139,7 @@ class Config:
     joint_lambda: float = 0.5
     # BloodNet segmentation supervision
     masks: str = "auto"  # full: painted masks | none: weak (slice labels through the pooled map) | auto: full if any
-    seg_loss: str = "bce_dice"  # bce | bce_dice | bce_batch_dice | bce_tversky (+ Dice per slice / over the batch)
+    seg_loss: str = "bce_dice"  # bce, + Dice per slice (bce_dice) or batch (bce_batch_dice), + Tversky (bce_tversky)
     weak_pool_r: float = 2.0  # masks=none: log-sum-exp pooling sharpness (large = max, small = mean)
     # masks=none: after the segment-only epochs, positives also train the pixel loss on pseudo-masks (src/cnn/
     # pseudo_masks.py): over five folds a little better on every figure, within the noise; on in real_rsna_bloodnet
