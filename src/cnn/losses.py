@@ -35,8 +35,9 @@ def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def tversky_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Mean over slices of 1 − Tversky index (+1 smoothing): TP / (TP + 0.3·FP + 0.7·FN) in soft counts. Dice is
-    the 0.5 / 0.5 case; weighting misses over false blood pulls a half-seen small bleed up harder than Dice does."""
+    """Mean over slices of 1 − Tversky index (+1 smoothing): TP / (TP + a·FP + b·FN) in soft counts, a and b the
+    TVERSKY_* weights above. Dice is a = b = 0.5; weighting misses over false blood pulls a half-seen small bleed up
+    harder than Dice does."""
     prob = torch.sigmoid(logits)
     dims = (1, 2, 3)
     true_blood = (prob * target).sum(dim=dims)
