@@ -100,6 +100,8 @@ RECIPES: tuple[Recipe, ...] = (
            "uniform negatives", ("seg_hard_negatives=0",)),
     Recipe("tversky", "the default with BCE + Tversky per slice (a missed blood pixel costs 0.7, a false one 0.3) "
            "for BCE + Dice: against the small bleeds the map misses", ("seg_loss=bce_tversky",)),
+    Recipe("default-128px", "the default at the embedded set's native 128 px (~1.8x the pixels per bleed, ~1.8x "
+           "the minutes): does the map find the small bleeds it misses at 96 px?", ("image_size=128",)),
     Recipe("fullres", "the default with one more decoder block at the input's size, reading the image",
            (*BEFORE, "seg_full_res=true")),
     Recipe("classifier-96px", "plain timm classifier at the default's size and context, 8 epochs (BloodNet's 3 "
