@@ -20,6 +20,9 @@ while [ $# -gt 0 ]; do
   esac
 done
 
+# Wall-clock seconds per stage, printed at the end and kept in work/: where a slow machine's minutes went.
+stage_times=()
+setup_start=$SECONDS  # bash's SECONDS: whole seconds since the script started
 source scripts/env.sh
 
 # Default input: the user's Kaggle files in input/, else the embedded synthetic set, built once.
@@ -37,7 +40,15 @@ fi
 exp="$("$PY" -m src.config "${config_args[@]}" --get exp_name)"
 # Outputs go under $ICH_OUT when set (as every Python stage does), else under the repository.
 out="${ICH_OUT:-.}"
-stage() { echo; echo "== $1"; shift; "$PY" "$@"; }
+stage_times+=("$((SECONDS - setup_start))"$'\t'"setup: Python packages, input data (built on a first run), config")
+# The status is passed on by hand: a caller's `|| status=$?` turns set -e off inside the function.
+stage() {
+  local name="$1" start=$SECONDS rc=0; shift
+  echo; echo "== $name"
+  "$PY" "$@" || rc=$?
+  stage_times+=("$((SECONDS - start))"$'\t'"$name")
+  return "$rc"
+}
 
 stage "metadata" -m src.data.metadata "${data_args[@]}"
 stage "cache" -m src.data.cache "${data_args[@]}" --size "$("$PY" -m src.config "${config_args[@]}" --get image_size)" \
@@ -88,5 +99,13 @@ stage "check the submission" -m src.evaluate.submit --check "$out/submissions/${
 if compgen -G "$out/oof/*/fold[0-9]*_metrics.json" > /dev/null; then
   stage "leaderboard of every experiment in oof/" -m src.evaluate.experiments
 fi
+times_file="$out/work/run_fold${fold}_stage_seconds.tsv"
+mkdir -p "$out/work"
+{ printf 'seconds\tstage\n'; printf '%s\n' "${stage_times[@]}"; printf '%s\ttotal\n' "$SECONDS"; } > "$times_file.tmp"
+mv "$times_file.tmp" "$times_file"
+echo
+echo "== wall clock per stage (also in $times_file)"
+printf '%s\n' "${stage_times[@]}" | awk -F'\t' '{ printf "%6d s  %s\n", $1, $2 }'
+printf '%6d s  total\n' "$SECONDS"
 echo
 echo "done: predictions in $out/oof/$exp/, reports in $out/oof/*/report/, submission in $out/submissions/${exp}_fold${fold}.csv"

@@ -51,6 +51,11 @@ def test_run_fold_zero_end_to_end(tiny_set, tmp_path):
     sample = pd.read_csv(tiny_set / "stage_2_sample_submission.csv")
     assert list(submission["ID"]) == list(sample["ID"]) and submission["Label"].between(0, 1).all()
     assert "== check the submission" in done.stdout
+    times = pd.read_csv(tmp_path / "work" / "run_fold0_stage_seconds.tsv", sep="\t")
+    assert {"metadata", "train fold 0", "check the submission", "total"} <= set(times["stage"])
+    total = times.set_index("stage")["seconds"]["total"]
+    assert times["seconds"].ge(0).all() and times.loc[times["stage"] != "total", "seconds"].sum() <= total
+    assert "== wall clock per stage" in done.stdout
     assert repo_outputs() == before  # every output went under ICH_OUT, none into the repository
 
 
@@ -106,3 +111,53 @@ def test_gpu_check_runs_the_chosen_steps_and_says_when_there_is_no_gpu(tmp_path)
         real = gpu_check()
         assert real.returncode == 1 and "sees no CUDA device: scripts/gpu_check.sh measures a GPU" in real.stderr
         assert "Traceback" not in real.stderr
+
+
+FAKE_PYTHON = """#!/usr/bin/env bash
+# Every pipeline stage (python -m src.<stage>) is logged and answers FAKE_EXIT_<stage> (0 by default); the config,
+# inline scripts and the rest go to the real interpreter, so run_fold.sh's own control flow is what runs.
+if [ "$1" = "-m" ] && [ "$2" != "src.config" ]; then
+  echo "$2" >> "$FAKE_LOG"
+  if [ "$2" = "src.cnn.train" ]; then
+    mkdir -p "$ICH_OUT/oof/$FAKE_EXP" && : > "$ICH_OUT/oof/$FAKE_EXP/fold0_valid.csv"
+  fi
+  code="FAKE_EXIT_${2//./_}"
+  exit "${!code:-0}"
+fi
+exec {real} "$@"
+"""
+
+
+def fake_run_fold(tmp_path: Path, exits: dict[str, int]) -> tuple[subprocess.CompletedProcess, list[str]]:
+    """run_fold.sh 0 with every stage faked (seconds, not minutes): which stages ran, and how the run ended."""
+    fake = tmp_path / "python"
+    fake.write_text(FAKE_PYTHON.replace("{real}", sys.executable))
+    fake.chmod(0o755)
+    exp = subprocess.run([sys.executable, "-m", "src.config", "--get", "exp_name"], cwd=ROOT, capture_output=True,
+                         text=True, check=True).stdout.strip()
+    log = tmp_path / "stages.log"
+    exit_codes = {f"FAKE_EXIT_{module.replace('.', '_')}": str(code) for module, code in exits.items()}
+    env = {**os.environ, "ICH_PYTHON": str(fake), "ICH_DATA": str(tmp_path / "data"), "ICH_OUT": str(tmp_path / "out"),
+           "FAKE_LOG": str(log), "FAKE_EXP": exp, **exit_codes}
+    done = subprocess.run(["bash", str(ROOT / "run_fold.sh"), "0"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+    return done, log.read_text().split()
+
+
+def test_run_fold_goes_on_when_stacking_cannot_run_and_times_every_stage(tmp_path):
+    done, ran = fake_run_fold(tmp_path, {"src.stack": 2})
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "[stack] skipped" in done.stdout
+    assert ran[:4] == ["src.data.metadata", "src.data.cache", "src.data.folds", "src.cnn.train"]
+    assert "src.stack" in ran and ran.count("src.evaluate.submit") == 2  # the submission and its check
+    times = pd.read_csv(tmp_path / "out" / "work" / "run_fold0_stage_seconds.tsv", sep="\t")
+    assert "sequence stackers on the available OOF" in set(times["stage"])
+    assert len(times) == len(ran) + 2  # each stage, the setup line and the total
+
+
+@pytest.mark.parametrize("module, status", [("src.stack", 1), ("src.cnn.train", 3)])
+def test_run_fold_stops_on_a_failed_stage_with_its_status(tmp_path, module, status):
+    done, ran = fake_run_fold(tmp_path, {module: status})
+    assert done.returncode == status
+    assert ran[-1] == module  # nothing ran after the failed stage
+    assert not (tmp_path / "out" / "work" / "run_fold0_stage_seconds.tsv").exists()
