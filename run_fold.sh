@@ -24,6 +24,8 @@ done
 stage_times=()
 setup_start=$SECONDS  # bash's SECONDS: whole seconds since the script started
 source scripts/env.sh
+stage_times+=("$((SECONDS - setup_start))"$'\t'"setup: Python packages (.venv/ built on a first run)")
+data_start=$SECONDS
 
 # Default input: the user's Kaggle files in input/, else the embedded synthetic set, built once.
 if [ ${#data_args[@]} -eq 0 ] && [ -z "${ICH_DATA:-}" ] && [ ! -f input/stage_2_train.csv ]; then
@@ -40,7 +42,7 @@ fi
 exp="$("$PY" -m src.config "${config_args[@]}" --get exp_name)"
 # Outputs go under $ICH_OUT when set (as every Python stage does), else under the repository.
 out="${ICH_OUT:-.}"
-stage_times+=("$((SECONDS - setup_start))"$'\t'"setup: Python packages, input data (built on a first run), config")
+stage_times+=("$((SECONDS - data_start))"$'\t'"setup: input data (the synthetic set built on a first run), config")
 # The status is passed on by hand: a caller's `|| status=$?` turns set -e off inside the function.
 stage() {
   local name="$1" start=$SECONDS rc=0; shift

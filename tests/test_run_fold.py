@@ -152,7 +152,7 @@ def test_run_fold_goes_on_when_stacking_cannot_run_and_times_every_stage(tmp_pat
     assert "src.stack" in ran and ran.count("src.evaluate.submit") == 2  # the submission and its check
     times = pd.read_csv(tmp_path / "out" / "work" / "run_fold0_stage_seconds.tsv", sep="\t")
     assert "sequence stackers on the available OOF" in set(times["stage"])
-    assert len(times) == len(ran) + 2  # each stage, the setup line and the total
+    assert len(times) == len(ran) + 3  # each stage, two setup lines and the total
 
 
 @pytest.mark.parametrize("module, status", [("src.stack", 1), ("src.cnn.train", 3)])
