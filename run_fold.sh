@@ -43,12 +43,24 @@ exp="$("$PY" -m src.config "${config_args[@]}" --get exp_name)"
 # Outputs go under $ICH_OUT when set (as every Python stage does), else under the repository.
 out="${ICH_OUT:-.}"
 stage_times+=("$((SECONDS - data_start))"$'\t'"setup: input data (the synthetic set built on a first run), config")
+# Written at the end, and on the way out of a failed or killed run too: the stages done so far, a failed one last.
+write_stage_times() {
+  local times_file="$out/work/run_fold${fold}_stage_seconds.tsv"
+  mkdir -p "$out/work"
+  { printf 'seconds\tstage\n'; printf '%s\n' "${stage_times[@]}"; printf '%s\ttotal\n' "$SECONDS"; } > "$times_file.tmp"
+  mv "$times_file.tmp" "$times_file"
+  echo
+  echo "== wall clock per stage (also in $times_file)"
+  printf '%s\n' "${stage_times[@]}" | awk -F'\t' '{ printf "%6d s  %s\n", $1, $2 }'
+  printf '%6d s  total\n' "$SECONDS"
+}
+trap 'write_stage_times || true' EXIT
 # The status is passed on by hand: a caller's `|| status=$?` turns set -e off inside the function.
 stage() {
   local name="$1" start=$SECONDS rc=0; shift
   echo; echo "== $name"
   "$PY" "$@" || rc=$?
-  stage_times+=("$((SECONDS - start))"$'\t'"$name")
+  stage_times+=("$((SECONDS - start))"$'\t'"$name$([ "$rc" = 0 ] || echo " (failed: exit status $rc)")")
   return "$rc"
 }
 
@@ -101,13 +113,7 @@ stage "check the submission" -m src.evaluate.submit --check "$out/submissions/${
 if compgen -G "$out/oof/*/fold[0-9]*_metrics.json" > /dev/null; then
   stage "leaderboard of every experiment in oof/" -m src.evaluate.experiments
 fi
-times_file="$out/work/run_fold${fold}_stage_seconds.tsv"
-mkdir -p "$out/work"
-{ printf 'seconds\tstage\n'; printf '%s\n' "${stage_times[@]}"; printf '%s\ttotal\n' "$SECONDS"; } > "$times_file.tmp"
-mv "$times_file.tmp" "$times_file"
-echo
-echo "== wall clock per stage (also in $times_file)"
-printf '%s\n' "${stage_times[@]}" | awk -F'\t' '{ printf "%6d s  %s\n", $1, $2 }'
-printf '%6d s  total\n' "$SECONDS"
+trap - EXIT
+write_stage_times
 echo
 echo "done: predictions in $out/oof/$exp/, reports in $out/oof/*/report/, submission in $out/submissions/${exp}_fold${fold}.csv"

@@ -151,7 +151,7 @@ def test_run_fold_goes_on_when_stacking_cannot_run_and_times_every_stage(tmp_pat
     assert ran[:4] == ["src.data.metadata", "src.data.cache", "src.data.folds", "src.cnn.train"]
     assert "src.stack" in ran and ran.count("src.evaluate.submit") == 2  # the submission and its check
     times = pd.read_csv(tmp_path / "out" / "work" / "run_fold0_stage_seconds.tsv", sep="\t")
-    assert "sequence stackers on the available OOF" in set(times["stage"])
+    assert "sequence stackers on the available OOF (failed: exit status 2)" in set(times["stage"])
     assert len(times) == len(ran) + 3  # each stage, two setup lines and the total
 
 
@@ -160,4 +160,6 @@ def test_run_fold_stops_on_a_failed_stage_with_its_status(tmp_path, module, stat
     done, ran = fake_run_fold(tmp_path, {module: status})
     assert done.returncode == status
     assert ran[-1] == module  # nothing ran after the failed stage
-    assert not (tmp_path / "out" / "work" / "run_fold0_stage_seconds.tsv").exists()
+    times = pd.read_csv(tmp_path / "out" / "work" / "run_fold0_stage_seconds.tsv", sep="\t")
+    assert times["stage"].iloc[-2].endswith(f"(failed: exit status {status})") and times["stage"].iloc[-1] == "total"
+    assert len(times) == len(ran) + 3 and "== wall clock per stage" in done.stdout
