@@ -22,9 +22,10 @@ done
 
 # Wall-clock seconds per stage, printed at the end and kept in work/: where a slow machine's minutes went.
 stage_times=()
-setup_start=$SECONDS  # bash's SECONDS: whole seconds since the script started
+record_time() { stage_times+=("$((SECONDS - $1))"$'\t'"$2"); }  # bash's SECONDS: whole seconds since the start
+setup_start=$SECONDS
 source scripts/env.sh
-stage_times+=("$((SECONDS - setup_start))"$'\t'"setup: Python packages (.venv/ built on a first run)")
+record_time "$setup_start" "setup: Python packages (.venv/ built on a first run)"
 data_start=$SECONDS
 
 # Default input: the user's Kaggle files in input/, else the embedded synthetic set, built once.
@@ -42,8 +43,8 @@ fi
 exp="$("$PY" -m src.config "${config_args[@]}" --get exp_name)"
 # Outputs go under $ICH_OUT when set (as every Python stage does), else under the repository.
 out="${ICH_OUT:-.}"
-stage_times+=("$((SECONDS - data_start))"$'\t'"setup: input data (the synthetic set built on a first run), config")
-# Written at the end, and on the way out of a failed or killed run too: the stages done so far, a failed one last.
+record_time "$data_start" "setup: input data (the synthetic set built on a first run), config"
+# Written on the way out, of a finished, failed or killed run alike: the stages done so far, a failed one last.
 write_stage_times() {
   local times_file="$out/work/run_fold${fold}_stage_seconds.tsv"
   mkdir -p "$out/work"
@@ -60,7 +61,7 @@ stage() {
   local name="$1" start=$SECONDS rc=0; shift
   echo; echo "== $name"
   "$PY" "$@" || rc=$?
-  stage_times+=("$((SECONDS - start))"$'\t'"$name$([ "$rc" = 0 ] || echo " (failed: exit status $rc)")")
+  record_time "$start" "$name$([ "$rc" = 0 ] || echo " (failed: exit status $rc)")"
   return "$rc"
 }
 
@@ -113,7 +114,5 @@ stage "check the submission" -m src.evaluate.submit --check "$out/submissions/${
 if compgen -G "$out/oof/*/fold[0-9]*_metrics.json" > /dev/null; then
   stage "leaderboard of every experiment in oof/" -m src.evaluate.experiments
 fi
-trap - EXIT
-write_stage_times
 echo
 echo "done: predictions in $out/oof/$exp/, reports in $out/oof/*/report/, submission in $out/submissions/${exp}_fold${fold}.csv"
