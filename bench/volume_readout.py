@@ -2,6 +2,7 @@
 maps under several read-outs (threshold, soft sum above a floor), against the painted truth.
 
     python bench/volume_readout.py --exp bloodnet-resnet10t-96px-c1 [--folds 0 1 2 3 4] [--data DIR]
+        [--input-sizes 96 112 128]
 
 Each fold's deployed checkpoint (work/models/EXP/foldK/best.pt) predicts its validation slices once, both flip
 views. The read-outs:
@@ -12,6 +13,10 @@ views. The read-outs:
   the head's feature);
 - `cached_mask`: not the model's, the painted mask as the model is trained on it (resized to the cache's S px):
   the best any map at this size could do.
+`--input-sizes S [S ...]` adds, for each S, `deployed@Spx`: the same weights shown every slice from the cache at S
+px (enlarged by S / the model's size; its voxel volume shrunk to match, so the millilitres stay the tissue's), and
+`deployed@sizes-mean`, their mean: does a small bleed that covers more pixels get found? Pre-declare the sizes;
+choosing the best of many on these rows would score a choice made on them.
 For each: MdAPE and Spearman of the study volume over positive studies, pooled and per fold, and the median false
 blood on negative studies. Writes work/bench/volume_readout_EXP.{csv,md} (the table) and _slices.csv (per slice).
 
@@ -119,21 +124,53 @@ def deployed_model(exp: str, fold: int) -> tuple[nn.Module, Config]:
     return model.eval(), cfg
 
 
-def fold_readouts(exp: str, fold: int, data_dir: Path, batch_size: int = 64) -> pd.DataFrame:
-    """ID, fold and one column per read-out for the fold's validation slices."""
+def validation_slices(data_dir: Path, cfg: Config, fold: int, size: int):
+    """(the fold's validation metadata, the cached images at `size` px, the cached masks)."""
     from src.data.cache import load_cache
-    from src.data.dataset import SliceDataset
     from src.data.folds import load_folds
 
-    model, cfg = deployed_model(exp, fold)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model.to(device)
-    meta, images, masks = load_cache(data_dir, cfg.image_size, "train", fmt=cfg.cache_format)
+    meta, images, masks = load_cache(data_dir, size, "train", fmt=cfg.cache_format)
     folds = load_folds(data_dir, cfg.n_folds, cfg.fold_seed)
     meta = meta.merge(folds[[ID_COL, FOLD_COL]], on=ID_COL, how="inner", validate="one_to_one")
     valid = meta[meta[FOLD_COL] == fold].reset_index(drop=True)
     if valid.empty:
         raise InputError(f"--folds {fold}: no validation images in {data_dir}")
+    return valid, images, masks
+
+
+@torch.inference_mode()
+def deployed_at_size(model: nn.Module, cfg: Config, data_dir: Path, fold: int, ids: np.ndarray, size: int,
+                     batch_size: int = 64) -> np.ndarray:
+    """The deployed volume (mm³) of the slices `ids` with each read from the cache at `size` px: the model's own
+    rule on both flip views, averaged. The dataset's voxel volume follows the size, so a slice the model called all
+    blood reads the same millilitres at any size."""
+    from src.data.dataset import SliceDataset
+
+    valid, images, _ = validation_slices(data_dir, cfg, fold, size)
+    missing = set(ids) - set(valid[ID_COL])
+    if missing:
+        raise InputError(f"cache at {size} px lacks {len(missing)} of fold {fold}'s validation slices "
+                         f"(e.g. {min(missing)})")
+    valid = valid.set_index(ID_COL).loc[ids].reset_index()  # in the order of the model's own pass
+    device = next(model.parameters(), torch.zeros(())).device
+    parts = []
+    loader = torch.utils.data.DataLoader(SliceDataset(valid, images, cfg.context), batch_size=batch_size)
+    for batch in tqdm(loader, desc=f"fold {fold} at {size} px", leave=False):
+        deployed, _ = flip_views(model, to_input(batch["image"], device, False), batch["voxel_mm3"].to(device))
+        parts.append(((deployed[0] + deployed[1]) / 2).float().cpu().numpy())
+    return np.concatenate(parts)
+
+
+def fold_readouts(exp: str, fold: int, data_dir: Path, batch_size: int = 64,
+                  input_sizes: Sequence[int] = ()) -> pd.DataFrame:
+    """ID, fold and one column per read-out for the fold's validation slices (`input_sizes`: the deployed rule
+    with the slices read at those sizes, and their mean)."""
+    from src.data.dataset import SliceDataset
+
+    model, cfg = deployed_model(exp, fold)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device)
+    valid, images, masks = validation_slices(data_dir, cfg, fold, cfg.image_size)
     loader = torch.utils.data.DataLoader(SliceDataset(valid, images, cfg.context, masks), batch_size=batch_size)
     parts: dict[str, list[np.ndarray]] = {}
     for batch in tqdm(loader, desc=f"{exp} fold {fold}", leave=False):
@@ -145,8 +182,12 @@ def fold_readouts(exp: str, fold: int, data_dir: Path, batch_size: int = 64) -> 
         for name, values in (readout_volumes(model, images, voxel, views=views) | errors
                              | {"cached_mask": painted.numpy()}).items():
             parts.setdefault(name, []).append(values)
-    return pd.DataFrame({ID_COL: valid[ID_COL].to_numpy(), FOLD_COL: fold}
-                        | {name: np.concatenate(v) for name, v in parts.items()})
+    columns = {name: np.concatenate(v) for name, v in parts.items()}
+    by_size = {f"deployed@{size}px": deployed_at_size(model, cfg, data_dir, fold, valid[ID_COL].to_numpy(), size,
+                                                      batch_size) for size in input_sizes}
+    if by_size:
+        by_size["deployed@sizes-mean"] = np.mean(list(by_size.values()), axis=0)
+    return pd.DataFrame({ID_COL: valid[ID_COL].to_numpy(), FOLD_COL: fold} | columns | by_size)
 
 
 def readout_table(slices: pd.DataFrame, meta: pd.DataFrame, true: pd.DataFrame) -> pd.DataFrame:
@@ -198,7 +239,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--exp", required=True, help="experiment name (work/models/EXP/foldK/best.pt)")
     parser.add_argument("--folds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--data", help="data directory (default: the one in the checkpoint's config)")
+    parser.add_argument("--input-sizes", type=int, nargs="+", default=[],
+                        help="also read the deployed volume with the slices cached at these sizes (px), and their mean")
     args = parser.parse_args(argv)
+    if any(size < 16 for size in args.input_sizes):
+        raise InputError(f"--input-sizes {' '.join(map(str, args.input_sizes))}: sizes are pixels, at least 16")
     from src.data.metadata import load_metadata
 
     cfg = deployed_model(args.exp, args.folds[0])[1]
@@ -208,7 +253,8 @@ def main(argv: list[str] | None = None) -> int:
     true_csv = data_dir / paths.TRUE_VOLUMES_CSV
     if not true_csv.exists():
         raise InputError(f"{true_csv}: no true volumes (painted masks) for this data: nothing to measure against")
-    slices = pd.concat([fold_readouts(args.exp, k, data_dir) for k in args.folds], ignore_index=True)
+    slices = pd.concat([fold_readouts(args.exp, k, data_dir, input_sizes=args.input_sizes) for k in args.folds],
+                       ignore_index=True)
     meta, true = load_metadata(data_dir, "train"), pd.read_csv(true_csv, dtype={ID_COL: str})
     table = readout_table(slices, meta, true)
     out = paths.WORK / "bench" / f"volume_readout_{args.exp}"

@@ -119,6 +119,42 @@ def test_readout_table_scores_each_readout():
     assert table.loc["exact", "false_blood_negative_ml"] == pytest.approx(0.0)
 
 
+class AllBlood(nn.Module):
+    """Calls every pixel of whatever it is shown blood, at BloodNet's rule (pixels at p >= cutoff x voxel volume)."""
+
+    volume_cutoff = 0.5
+
+    def forward(self, image, voxel_mm3):
+        logits = torch.full((len(image), 1, *image.shape[-2:]), 10.0)
+        count = (torch.sigmoid(logits) >= self.volume_cutoff).sum(dim=(1, 2, 3)).float()
+        return {"seg_logits": logits, "mask_volume_mm3": count * voxel_mm3.float()}
+
+
+def test_a_slice_read_at_any_input_size_holds_the_same_millilitres(tiny_data):
+    """The cache at a larger size has more, smaller pixels: a map that calls the whole slice blood reads the field
+    of view's volume at either size (padded square of max(rows, cols) native pixels x slice spacing), in the order
+    of the IDs asked for."""
+    from src.config import load_config
+
+    cfg = load_config(None, ["context=0"])
+    valid, _, _ = volume_readout.validation_slices(tiny_data, cfg, 0, 48)
+    ids = valid[ID_COL].to_numpy()[::-1]
+    at_48 = volume_readout.deployed_at_size(AllBlood(), cfg, tiny_data, 0, ids, 48)
+    at_80 = volume_readout.deployed_at_size(AllBlood(), cfg, tiny_data, 0, ids, 80)
+    rows = valid.set_index(ID_COL).loc[ids]
+    field_mm3 = (np.maximum(rows["rows"], rows["cols"]) ** 2 * rows["pixel_spacing_row"] * rows["pixel_spacing_col"]
+                 * rows["slice_spacing"]).to_numpy()
+    np.testing.assert_allclose(at_48, field_mm3, rtol=1e-5)
+    np.testing.assert_allclose(at_80, field_mm3, rtol=1e-5)
+    with pytest.raises(InputError, match=r"cache at 48 px lacks 1 of fold 0's validation slices \(e\.g\. ID_nope\)"):
+        volume_readout.deployed_at_size(AllBlood(), cfg, tiny_data, 0, np.append(ids, "ID_nope"), 48)
+
+
+def test_input_sizes_are_pixels():
+    with pytest.raises(InputError, match="--input-sizes 96 0: sizes are pixels"):
+        volume_readout.main(["--exp", "x", "--input-sizes", "96", "0"])
+
+
 def test_missing_checkpoint_is_a_clear_error(tmp_path, monkeypatch):
     monkeypatch.setattr(volume_readout.paths, "WORK", tmp_path)
     with pytest.raises(InputError, match=r"best\.pt: not found"):
@@ -138,14 +174,20 @@ def test_deployed_readout_is_what_the_oof_holds(tiny_data):
                              "joint_epochs=1", "exp=t_readout"])
     cfg.data_dir = str(tiny_data)
     run_fold(cfg, 0, tiny_data)
-    assert volume_readout.main(["--exp", "t_readout", "--folds", "0", "--data", str(tiny_data)]) == 0
+    assert volume_readout.main(["--exp", "t_readout", "--folds", "0", "--data", str(tiny_data),
+                                "--input-sizes", "64", "48"]) == 0
     out = paths.WORK / "bench" / "volume_readout_t_readout"
     slices = pd.read_csv(out.with_name(out.name + "_slices.csv"), dtype={ID_COL: str}).set_index(ID_COL)
     oof = pd.read_csv(exp_dir("t_readout") / "fold0_valid.csv", dtype={ID_COL: str}).set_index(ID_COL)
     assert len(slices) == len(oof)
     np.testing.assert_allclose(slices.loc[oof.index, "deployed"], oof[VOLUME_COL], rtol=1e-4, atol=1e-3)
+    # Read at the model's own size the input-size path is the deployed read-out; the mean is over the sizes asked.
+    np.testing.assert_allclose(slices["deployed@64px"], slices["deployed"], rtol=1e-4, atol=1e-3)
+    np.testing.assert_allclose(slices["deployed@sizes-mean"], (slices["deployed@64px"] + slices["deployed@48px"]) / 2,
+                               rtol=1e-5)
     table = pd.read_csv(out.with_suffix(".csv"))
-    assert {"deployed", "hard@0.5", "soft@0"} <= set(table["readout"]) and "fold0_mdape_pct" in table
+    assert {"deployed", "hard@0.5", "soft@0", "deployed@48px", "deployed@sizes-mean"} <= set(table["readout"])
+    assert "fold0_mdape_pct" in table
     assert not set(volume_readout.ERROR_PARTS) & set(table["readout"])  # parts of the error are not read-outs
     # The painted masks at the cache's size, read out like a map: the error a perfect map of this size would have.
     assert table.set_index("readout").loc["cached_mask", "mdape_pct"] < 10
