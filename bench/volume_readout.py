@@ -17,8 +17,10 @@ views. The read-outs:
 px (enlarged by S / the model's size; its voxel volume shrunk to match, so the millilitres stay the tissue's), and
 `deployed@sizes-mean`, their mean: does a small bleed that covers more pixels get found? Pre-declare the sizes;
 choosing the best of many on these rows would score a choice made on them.
-For each: MdAPE and Spearman of the study volume over positive studies, pooled and per fold, and the median false
-blood on negative studies. Writes work/bench/volume_readout_EXP.{csv,md} (the table) and _slices.csv (per slice).
+For each: MdAPE and Spearman of the study volume over positive studies, pooled and per fold, the MdAPE of their
+small and large halves (split at the median true volume), the median false blood on negative studies, and against
+`deployed` a paired bootstrap of the positive studies (the MdAPE difference's 95% interval, how often it is lower).
+Writes work/bench/volume_readout_EXP.{csv,md} (the table) and _slices.csv (per slice).
 
 Where the deployed volume's error sits: each slice's deployed mask against its painted one, split into true blood
 found, blood missed, false blood at a bleed's edge (within NEAR_PX pixels of painted blood: a halo, the bleed drawn
@@ -54,6 +56,7 @@ from src.cnn.study_volumes import MM3_PER_ML, study_volumes, volume_summary
 from src.config import Config
 from src.constants import FOLD_COL, ID_COL, STUDY, VOLUME_COL
 from src.errors import InputError, run_cli
+from src.evaluate.compare import bootstrap_volumes, interval
 from src.markdown import markdown_table
 
 CUTOFFS: tuple[float, ...] = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
@@ -190,17 +193,33 @@ def fold_readouts(exp: str, fold: int, data_dir: Path, batch_size: int = 64,
     return pd.DataFrame({ID_COL: valid[ID_COL].to_numpy(), FOLD_COL: fold} | columns | by_size)
 
 
-def readout_table(slices: pd.DataFrame, meta: pd.DataFrame, true: pd.DataFrame) -> pd.DataFrame:
-    """One row per read-out: pooled and per-fold MdAPE, Spearman, false blood on negative studies."""
-    def summary(part: pd.DataFrame, readout: str) -> dict:
-        pred = part[[ID_COL]].assign(**{VOLUME_COL: part[readout].to_numpy()})
-        return volume_summary(study_volumes(pred, meta, true), n_boot=0)
+def readout_table(slices: pd.DataFrame, meta: pd.DataFrame, true: pd.DataFrame, n_boot: int = 1000) -> pd.DataFrame:
+    """One row per read-out: pooled and per-fold MdAPE, Spearman, false blood on negative studies, the MdAPE of the
+    small and large halves of the positive studies, and against `deployed` (paired bootstrap of the positive studies,
+    the same resamples for every read-out): the MdAPE difference's 95% interval and how often it is lower."""
+    readouts = [c for c in slices.columns if c not in (ID_COL, FOLD_COL, *ERROR_PARTS)]
+    volumes = {r: slices[[ID_COL]].assign(**{VOLUME_COL: slices[r].to_numpy()}) for r in readouts}
 
+    def summary(part: pd.DataFrame, readout: str) -> dict:
+        return volume_summary(study_volumes(volumes[readout].loc[part.index], meta, true), n_boot=0)
+
+    pooled = {r: summary(slices, r) for r in readouts}
+    paired = {}
+    if "deployed" in readouts and n_boot and pooled["deployed"].get("n_positive_studies", 0) >= 3:
+        paired = bootstrap_volumes(volumes, slices[ID_COL], meta, true, n_boot, seed=0)[0]
     rows = []
-    for readout in [c for c in slices.columns if c not in (ID_COL, FOLD_COL, *ERROR_PARTS)]:
-        pooled = summary(slices, readout)
-        row = {"readout": readout, "mdape_pct": pooled["mdape_percent"], "spearman": pooled["spearman_positive"],
-               "false_blood_negative_ml": pooled["median_pred_ml_negative_studies"]}
+    for readout in readouts:
+        row = {"readout": readout, "mdape_pct": pooled[readout]["mdape_percent"],
+               "spearman": pooled[readout]["spearman_positive"],
+               "false_blood_negative_ml": pooled[readout]["median_pred_ml_negative_studies"]}
+        halves = pooled[readout].get("by_size", {})
+        row["small_half_mdape_pct"] = halves.get("small", {}).get("mdape_percent", np.nan)
+        row["large_half_mdape_pct"] = halves.get("large", {}).get("mdape_percent", np.nan)
+        row["mdape_diff_lo"] = row["mdape_diff_hi"] = row["p_lower_mdape_than_deployed"] = np.nan
+        if paired and readout != "deployed":
+            delta = paired[readout]["volume_mdape_percent"][1] - paired["deployed"]["volume_mdape_percent"][1]
+            row["mdape_diff_lo"], row["mdape_diff_hi"] = interval(delta)
+            row["p_lower_mdape_than_deployed"] = float((delta < 0).mean())
         for fold, part in slices.groupby(FOLD_COL):
             row[f"fold{fold}_mdape_pct"] = summary(part, readout)["mdape_percent"]
         rows.append(row)

@@ -103,20 +103,36 @@ def test_error_table_by_slice_type_and_bleed_size():
 
 
 def test_readout_table_scores_each_readout():
-    study = ["A", "A", "B", "B", "C"]
-    meta = pd.DataFrame({ID_COL: ["a1", "a2", "b1", "b2", "c1"], STUDY: study, **{k: study for k in SERIES_KEYS},
-                         "position": [0.0, 5.0, 0.0, 5.0, 0.0], "any": [1, 1, 1, 0, 0]})
-    true = pd.DataFrame({ID_COL: meta[ID_COL], VOLUME_COL: [100.0, 100.0, 50.0, 0.0, 0.0]})
-    slices = pd.DataFrame({ID_COL: meta[ID_COL], FOLD_COL: [0, 0, 1, 1, 1],
-                           "exact": [100.0, 100.0, 50.0, 0.0, 0.0],  # both positive studies exact
-                           "double": [200.0, 200.0, 100.0, 0.0, 1000.0]})  # +100% on each, 1 mL on the negative
-    table = volume_readout.readout_table(slices, meta, true).set_index("readout")
+    # Four positive studies (true 100, 50, 30, 200 mm³ over two slices each; A, D large, B, C small) and a negative.
+    study = ["A", "A", "B", "B", "C", "C", "D", "D", "E"]
+    meta = pd.DataFrame({ID_COL: [f"s{i}" for i in range(9)], STUDY: study, **{k: study for k in SERIES_KEYS},
+                         "position": [0.0, 5.0] * 4 + [0.0], "any": [1, 1, 1, 1, 1, 1, 1, 1, 0]})
+    exact = np.array([50.0, 50, 25, 25, 15, 15, 100, 100, 0])
+    true = pd.DataFrame({ID_COL: meta[ID_COL], VOLUME_COL: exact})
+    small = np.array([False, False, True, True, True, True, False, False, False])
+    slices = pd.DataFrame({ID_COL: meta[ID_COL], FOLD_COL: [0, 0, 0, 0, 1, 1, 1, 1, 1],
+                           "deployed": exact * 2 + np.r_[np.zeros(8), 1000.0],  # +100% on each, 1 mL on the negative
+                           "exact": exact,
+                           "small_doubled": np.where(small, exact * 2, exact)})
+    table = volume_readout.readout_table(slices, meta, true, n_boot=200).set_index("readout")
     assert table.loc["exact", "mdape_pct"] == pytest.approx(0.0)
-    assert table.loc["double", "mdape_pct"] == pytest.approx(100.0)
-    assert table.loc["double", "fold0_mdape_pct"] == pytest.approx(100.0)
+    assert table.loc["deployed", "mdape_pct"] == pytest.approx(100.0)
+    assert table.loc["deployed", "fold0_mdape_pct"] == pytest.approx(100.0)
     assert table.loc["exact", "spearman"] == pytest.approx(1.0)
-    assert table.loc["double", "false_blood_negative_ml"] == pytest.approx(1.0)
+    assert table.loc["deployed", "false_blood_negative_ml"] == pytest.approx(1.0)
     assert table.loc["exact", "false_blood_negative_ml"] == pytest.approx(0.0)
+    # The halves split at the median true volume: the small bleeds doubled, the large ones exact.
+    assert table.loc["small_doubled", "small_half_mdape_pct"] == pytest.approx(100.0)
+    assert table.loc["small_doubled", "large_half_mdape_pct"] == pytest.approx(0.0)
+    # Paired against deployed on the same resamples: exact is lower in every one, by exactly 100 points.
+    assert table.loc["exact", "p_lower_mdape_than_deployed"] == pytest.approx(1.0)
+    assert table.loc["exact", "mdape_diff_lo"] == pytest.approx(-100.0)
+    assert table.loc["exact", "mdape_diff_hi"] == pytest.approx(-100.0)
+    assert 0 < table.loc["small_doubled", "p_lower_mdape_than_deployed"] <= 1
+    assert np.isnan(table.loc["deployed", "p_lower_mdape_than_deployed"])
+    # Without a deployed column there is nothing to pair against.
+    alone = volume_readout.readout_table(slices.drop(columns="deployed"), meta, true, n_boot=200)
+    assert alone["p_lower_mdape_than_deployed"].isna().all()
 
 
 class AllBlood(nn.Module):
