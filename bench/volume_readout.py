@@ -15,8 +15,8 @@ views. The read-outs:
   the best any map at this size could do.
 `--input-sizes S [S ...]` adds, for each S, `deployed@Spx`: the same weights shown every slice from the cache at S
 px (enlarged by S / the model's size; its voxel volume shrunk to match, so the millilitres stay the tissue's), and
-`deployed@sizes-mean`, their mean: does a small bleed that covers more pixels get found? Pre-declare the sizes;
-choosing the best of many on these rows would score a choice made on them.
+`deployed@sizes-mean`, their mean (two sizes or more): does a small bleed that covers more pixels get found?
+Pre-declare the sizes; choosing the best of many on these rows would score a choice made on them.
 For each: MdAPE and Spearman of the study volume over positive studies, pooled and per fold, the MdAPE of their
 small and large halves (split at the median true volume), the median false blood on negative studies, and against
 `deployed` a paired bootstrap of the positive studies (the MdAPE difference's 95% interval, how often it is lower).
@@ -35,6 +35,7 @@ does, the error is in the maps.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -128,14 +129,10 @@ def deployed_model(exp: str, fold: int) -> tuple[nn.Module, Config]:
 
 
 def validation_slices(data_dir: Path, cfg: Config, fold: int, size: int):
-    """(the fold's validation metadata, the cached images at `size` px, the cached masks)."""
-    from src.data.cache import load_cache
-    from src.data.folds import load_folds
+    """(the fold's validation metadata, the cached images at `size` px, the cached masks): the trainer's own split."""
+    from src.cnn.train import split_fold
 
-    meta, images, masks = load_cache(data_dir, size, "train", fmt=cfg.cache_format)
-    folds = load_folds(data_dir, cfg.n_folds, cfg.fold_seed)
-    meta = meta.merge(folds[[ID_COL, FOLD_COL]], on=ID_COL, how="inner", validate="one_to_one")
-    valid = meta[meta[FOLD_COL] == fold].reset_index(drop=True)
+    _, valid, images, masks = split_fold(dataclasses.replace(cfg, image_size=size), data_dir, fold)
     if valid.empty:
         raise InputError(f"--folds {fold}: no validation images in {data_dir}")
     return valid, images, masks
@@ -188,7 +185,7 @@ def fold_readouts(exp: str, fold: int, data_dir: Path, batch_size: int = 64,
     columns = {name: np.concatenate(v) for name, v in parts.items()}
     by_size = {f"deployed@{size}px": deployed_at_size(model, cfg, data_dir, fold, valid[ID_COL].to_numpy(), size,
                                                       batch_size) for size in input_sizes}
-    if by_size:
+    if len(by_size) > 1:  # a mean of one size would repeat its column
         by_size["deployed@sizes-mean"] = np.mean(list(by_size.values()), axis=0)
     return pd.DataFrame({ID_COL: valid[ID_COL].to_numpy(), FOLD_COL: fold} | columns | by_size)
 
