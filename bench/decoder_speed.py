@@ -1,10 +1,13 @@
 """BloodNet's own U-Net decoder (src/cnn/model.py) vs segmentation_models_pytorch's Unet on the same timm encoder:
-parameters and CPU forward+backward time per training batch; the numbers behind keeping the own decoder.
+parameters and CPU forward+backward time per training batch; the numbers behind keeping the own decoder, and behind
+its width (config key decoder_width).
 
     python bench/decoder_speed.py [--backbone resnet10t] [--size 128] [--batch 32] [--context 1] [--reps 5]
+                                  [--widths 0.5 0.25] [--no-smp]
 
-Prints the ratio smp / own for each smp decoder width; writes work/bench/decoder_speed.{json,md}. Time is the
-process's CPU time on one thread: on cores shared with other jobs, wall time measures the neighbours.
+Prints each row's time as a ratio to the own decoder at the config's default width (the first row), all measured in
+one run; writes work/bench/decoder_speed.{json,md}. Time is the process's CPU time on one thread: on cores shared
+with other jobs, wall time measures the neighbours.
 """
 
 from __future__ import annotations
@@ -16,7 +19,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import segmentation_models_pytorch as smp
 import torch
 
 from src.atomic import write_json, write_text
@@ -24,7 +26,7 @@ from src.cnn.model import build_model
 from src.config import load_config
 from src.paths import WORK
 
-# smp's default decoder (256..16 channels), and one narrowed to our own decoder's widths at resnet10t.
+# smp's default decoder (256..16 channels), and one narrowed to our own decoder's widths at resnet10t (width 0.5).
 SMP_DECODERS = {"smp Unet, default decoder": (256, 128, 64, 32, 16), "smp Unet, narrow decoder": (128, 64, 32, 16, 16)}
 
 
@@ -47,18 +49,29 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--context", type=int, default=1)
     parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--widths", type=float, nargs="+", default=[0.5, 0.25],
+                        help="decoder_width values of the own decoder, timed besides the config's default")
+    parser.add_argument("--no-smp", action="store_true", help="time the own decoder only")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    cfg = load_config(None, [f"backbone={args.backbone}", f"context={args.context}", "arch=bloodnet"])
+    base_sets = [f"backbone={args.backbone}", f"context={args.context}", "arch=bloodnet"]
+    cfg = load_config(None, base_sets)
     x = torch.rand(args.batch, cfg.in_chans, args.size, args.size)
     rows = []
-    own = build_model(cfg).train()
-    own_decoder = [p for n, p in own.named_parameters() if n.startswith(("decoder", "seg_"))]
-    rows.append({"model": "own decoder (src/cnn/model.py)", "params_total": sum(p.numel() for p in own.parameters()),
-                 "params_decoder": sum(p.numel() for p in own_decoder),
-                 "seconds": step_seconds(own, x, lambda m, t: m(t, torch.ones(len(t)))["seg_logits"], args.reps)})
-    for name, channels in SMP_DECODERS.items():
+    widths = [cfg.decoder_width, *(w for w in dict.fromkeys(args.widths) if w != cfg.decoder_width)]
+    for width in widths:
+        own = build_model(load_config(None, [*base_sets, f"decoder_width={width}"])).train()
+        own_decoder = [p for n, p in own.named_parameters() if n.startswith(("decoder", "seg_"))]
+        default = " (the default)" if width == cfg.decoder_width else ""
+        rows.append({"model": f"own decoder (src/cnn/model.py), decoder_width={width:g}{default}",
+                     "decoder_channels": [block.block[0].out_channels for block in own.decoder],
+                     "params_total": sum(p.numel() for p in own.parameters()),
+                     "params_decoder": sum(p.numel() for p in own_decoder),
+                     "seconds": step_seconds(own, x, lambda m, t: m(t, torch.ones(len(t)))["seg_logits"], args.reps)})
+    if not args.no_smp:
+        import segmentation_models_pytorch as smp  # ~10 s to import: only when its rows are asked for
+    for name, channels in ({} if args.no_smp else SMP_DECODERS).items():
         net = smp.Unet(f"tu-{args.backbone}", encoder_weights=None, in_channels=cfg.in_chans, classes=1,
                        decoder_channels=channels).train()
         rows.append({"model": f"{name} {channels}", "params_total": sum(p.numel() for p in net.parameters()),
@@ -68,7 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     base = rows[0]["seconds"]
     lines = [f"{args.backbone}, {args.size} px, batch {args.batch}, {cfg.in_chans} channels, "
              f"1 thread, median CPU time of {args.reps} forward+backward steps", "",
-             "| model | parameters | decoder parameters | CPU s / batch | time vs own |", "|---|---|---|---|---|"]
+             "| model | parameters | decoder parameters | CPU s / batch | time vs the first row |",
+             "|---|---|---|---|---|"]
     for r in rows:
         r["ratio_vs_own"] = r["seconds"] / base
         lines.append(f"| {r['model']} | {r['params_total']:,} | {r['params_decoder']:,} | {r['seconds']:.3f} "

@@ -83,7 +83,7 @@ SELECT_EPOCH = ("last", "valid")
 # reads: a checkpoint is not refused over them (a classifier trained before a BloodNet default changed still resumes).
 SEGMENTATION_ONLY_KEYS: frozenset[str] = frozenset({
     "seg_epochs", "head_epochs", "joint_epochs", "joint_lambda", "masks", "seg_loss", "weak_pool_r", "weak_refine",
-    "seg_balance", "seg_hard_negatives", "seg_full_res", "hu_prior", "volume_feature_grad"})
+    "seg_balance", "seg_hard_negatives", "seg_full_res", "decoder_width", "hu_prior", "volume_feature_grad"})
 
 # What runs saved before a key existed trained with, for keys whose default changed since: a record or checkpoint
 # lacking one must not read as today's default (name hash, leaderboard, resume). Add a key when its default changes.
@@ -148,6 +148,8 @@ class Config:
     # one more decoder block at the input's resolution, with the image itself as its skip: the encoder's finest
     # features are at 1/2, and a map there, upsampled, cannot separate blood from its surround closer than ~2 px
     seg_full_res: bool = False
+    # U-Net decoder channels at each level = max(16, decoder_width x the encoder's channels there)
+    decoder_width: float = 0.5
     hu_prior: bool = False  # gate the blood map by a soft acute-blood Hounsfield range (constants.BLOOD_HU)
     # false: the head reads the volume feature without passing its gradient back into the map, so only the pixel
     # loss shapes the map. true (the paper's, end to end): the classification loss can lower itself by painting
@@ -271,6 +273,8 @@ def load_config(path: str | None = None, sets: list[str] | None = None) -> Confi
                          "optimism, or early_stopping=0")
     if not 0.0 <= cfg.seg_hard_negatives <= 1.0:
         raise InputError(f"config key seg_hard_negatives: {cfg.seg_hard_negatives} is not between 0 and 1")
+    if not 0 < cfg.decoder_width <= 4:
+        raise InputError(f"config key decoder_width: {cfg.decoder_width} is not in (0, 4]")
     return cfg
 
 

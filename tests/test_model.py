@@ -90,3 +90,22 @@ def test_volume_feature_gradient_reaches_the_map_only_when_asked(grad):
     reaches_map = seg_head_grad is not None and bool(seg_head_grad.abs().sum() > 0)
     assert reaches_map == grad
     assert model.head.weight.grad[:, -1].abs().sum() > 0  # the volume column of the head still learns
+
+
+@pytest.mark.parametrize("width", [0.25, 0.5, 1.0])
+def test_decoder_width_sets_every_level_but_never_under_the_floor(width):
+    """resnet10t's encoder levels carry 64, 64, 128 and 256 channels (finest first; 512 at the bottleneck)."""
+    from src.cnn.model import MIN_DECODER_CHANNELS
+
+    model = build_model(load_config(None, ["backbone=resnet10t", "context=0", f"decoder_width={width}"]))
+    widths = [block.block[0].out_channels for block in model.decoder]
+    assert widths == [max(MIN_DECODER_CHANNELS, round(c * width)) for c in (256, 128, 64, 64)]
+    out = model(torch.rand(2, 3, 64, 64), torch.full((2,), 1.0))
+    assert out["seg_logits"].shape == (2, 1, 64, 64)
+
+
+def test_decoder_width_out_of_range_is_a_config_error():
+    from src.errors import InputError
+
+    with pytest.raises(InputError, match="decoder_width"):
+        load_config(None, ["decoder_width=0"])

@@ -14,6 +14,7 @@ from src.errors import InputError
 
 # log1p(mm³ / VOLUME_SCALE) keeps the volume feature O(1): a large bleed is ~10⁴–10⁵ mm³ per slice.
 VOLUME_SCALE_MM3 = 100.0
+MIN_DECODER_CHANNELS = 16
 FULL_RES_CHANNELS = 16  # seg_full_res: the last block runs at the input's size, so it is kept narrow
 MASK_CUTOFF = 0.5  # pixel probability counted as blood in the reported volume and drawn in overlays (the weak mode
 # calibrates its own per model, never lower: src/cnn/volume_cutoff.py)
@@ -96,7 +97,7 @@ class SegClassifier(nn.Module):
         self.prior_channel = 3 * cfg.context + window_channel(BLOOD_WINDOW)[0] if cfg.hu_prior else None
         self.encoder = create_timm(cfg, features_only=True)
         channels = self.encoder.feature_info.channels()
-        decoder_channels = [max(16, c // 2) for c in channels[:-1]][::-1]
+        decoder_channels = [max(MIN_DECODER_CHANNELS, round(c * cfg.decoder_width)) for c in channels[:-1]][::-1]
         self.decoder = nn.ModuleList()
         in_channels = channels[-1]
         for skip_channels, out_channels in zip(channels[:-1][::-1], decoder_channels):
