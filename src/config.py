@@ -148,7 +148,8 @@ class Config:
     # one more decoder block at the input's resolution, with the image itself as its skip: the encoder's finest
     # features are at 1/2, and a map there, upsampled, cannot separate blood from its surround closer than ~2 px
     seg_full_res: bool = False
-    # U-Net decoder channels at each level = max(16, decoder_width x the encoder's channels there)
+    # U-Net decoder channels at each level = max(16, floor(decoder_width x the encoder's channels there)); 0.5 was
+    # the rule before the key existed (c // 2)
     decoder_width: float = 0.5
     hu_prior: bool = False  # gate the blood map by a soft acute-blood Hounsfield range (constants.BLOOD_HU)
     # false: the head reads the volume feature without passing its gradient back into the map, so only the pixel

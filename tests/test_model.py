@@ -99,7 +99,7 @@ def test_decoder_width_sets_every_level_but_never_under_the_floor(width):
 
     model = build_model(load_config(None, ["backbone=resnet10t", "context=0", f"decoder_width={width}"]))
     widths = [block.block[0].out_channels for block in model.decoder]
-    assert widths == [max(MIN_DECODER_CHANNELS, round(c * width)) for c in (256, 128, 64, 64)]
+    assert widths == [max(MIN_DECODER_CHANNELS, int(c * width)) for c in (256, 128, 64, 64)]
     out = model(torch.rand(2, 3, 64, 64), torch.full((2,), 1.0))
     assert out["seg_logits"].shape == (2, 1, 64, 64)
 

@@ -97,7 +97,7 @@ class SegClassifier(nn.Module):
         self.prior_channel = 3 * cfg.context + window_channel(BLOOD_WINDOW)[0] if cfg.hu_prior else None
         self.encoder = create_timm(cfg, features_only=True)
         channels = self.encoder.feature_info.channels()
-        decoder_channels = [max(MIN_DECODER_CHANNELS, round(c * cfg.decoder_width)) for c in channels[:-1]][::-1]
+        decoder_channels = [max(MIN_DECODER_CHANNELS, int(c * cfg.decoder_width)) for c in channels[:-1]][::-1]
         self.decoder = nn.ModuleList()
         in_channels = channels[-1]
         for skip_channels, out_channels in zip(channels[:-1][::-1], decoder_channels):
