@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.metadata
 import json
-import platform
-import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +16,7 @@ from src.constants import CACHE_FORMATS, LABEL_WEIGHTS
 from src.errors import InputError
 from src.naming import as_trained, changed_keys, derived_name
 from src.paths import OOF_DIR, ROOT
+from src.provenance import provenance
 
 
 @dataclass
@@ -277,24 +275,6 @@ def load_config(path: str | None = None, sets: list[str] | None = None) -> Confi
     if not 0 < cfg.decoder_width <= 4:
         raise InputError(f"config key decoder_width: {cfg.decoder_width} is not in (0, 4]")
     return cfg
-
-
-def provenance() -> dict[str, Any]:
-    """Git hash (marked +dirty), Python and package versions: what a saved result needs to be reproduced."""
-    try:
-        git = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
-        commit = git.stdout.strip() or "unknown"
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True, timeout=10)
-        commit += "+dirty" if dirty.stdout.strip() else ""
-    except (OSError, subprocess.SubprocessError):
-        commit = "unknown"
-    packages = {}
-    for name in ("torch", "torchvision", "timm", "albumentations", "pydicom", "numpy", "pandas", "lightgbm"):
-        try:
-            packages[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            packages[name] = None
-    return {"git": commit, "python": platform.python_version(), "packages": packages}
 
 
 def run_record(cfg: Config) -> dict[str, Any]:

@@ -8,7 +8,8 @@ import dataclasses
 from collections.abc import Collection
 from typing import Any
 
-from src.config import Config, coerce, load_config, provenance
+from src.config import Config, coerce, load_config
+from src.provenance import provenance
 
 
 def section_record(cfg: Config, section: str, **extra: Any) -> dict[str, Any]:
