@@ -144,7 +144,8 @@ def test_checkpoint_from_before_a_new_key_still_resumes(tmp_path):
         del old[key]
     torch.save({**state, "config": old}, path)
     assert load_checkpoint(path, cfg)["epoch"] == 1
-    with pytest.raises(InputError, match=r"other settings \(seg_hard_negatives, volume_feature_grad\)"):
+    changed_defaults = ", ".join(sorted(BEFORE_KEY_EXISTED))  # decoder_width, seg_hard_negatives, volume_feature_grad
+    with pytest.raises(InputError, match=rf"other settings \({changed_defaults}\)"):
         load_checkpoint(path, load_config(None, ["arch=bloodnet"]))  # today's defaults: not what it trained with
     with pytest.raises(InputError, match=r"other settings \(seg_full_res\)"):
         load_checkpoint(path, load_config(None, ["arch=bloodnet", *as_trained, "seg_full_res=true"]))
