@@ -69,6 +69,10 @@ def main(argv: list[str] | None = None) -> int:
                      "params_total": sum(p.numel() for p in own.parameters()),
                      "params_decoder": sum(p.numel() for p in own_decoder),
                      "seconds": step_seconds(own, x, lambda m, t: m(t, torch.ones(len(t)))["seg_logits"], args.reps)})
+    encoder = build_model(cfg).encoder.train()  # what every decoder adds its time to
+    rows.append({"model": "encoder alone (no decoder)", "decoder_channels": [],
+                 "params_total": sum(p.numel() for p in encoder.parameters()), "params_decoder": 0,
+                 "seconds": step_seconds(encoder, x, lambda m, t: m(t)[-1], args.reps)})
     if not args.no_smp:
         import segmentation_models_pytorch as smp  # ~10 s to import: only when its rows are asked for
     for name, channels in ({} if args.no_smp else SMP_DECODERS).items():

@@ -23,7 +23,8 @@ def test_rows_follow_the_widths_and_the_default_is_the_yardstick(tmp_path, monke
     rows = json.loads((tmp_path / "bench" / "decoder_speed.json").read_text())["rows"]
     assert "(the default)" in rows[0]["model"] and f"decoder_width={Config().decoder_width:g}" in rows[0]["model"]
     assert rows[0]["ratio_vs_own"] == 1.0 and all(r["seconds"] > 0 for r in rows)
-    by_width = {r["model"].split("decoder_width=")[1].split()[0]: r for r in rows}
+    by_width = {r["model"].split("decoder_width=")[1].split()[0]: r for r in rows if "decoder_width=" in r["model"]}
+    assert rows[-1]["model"].startswith("encoder alone") and rows[-1]["params_decoder"] == 0
     assert by_width["1"]["decoder_channels"] == [256, 128, 64, 64]  # resnet10t's levels, bottleneck first
     assert by_width["0.125"]["decoder_channels"] == [32, MIN_DECODER_CHANNELS, MIN_DECODER_CHANNELS,
                                                      MIN_DECODER_CHANNELS]
