@@ -145,3 +145,22 @@ def test_resume_across_cache_formats_and_from_before_the_key(tmp_path):
     assert load_checkpoint(tmp_path / "old.pt", load_config(None, [])) is not None
     with pytest.raises(InputError, match="lr"):
         load_checkpoint(tmp_path / "last.pt", load_config(None, ["lr=0.5"]))
+
+
+def test_a_checkpoint_from_before_decoder_width_loads_as_the_wide_decoder_it_is(tmp_path):
+    """Triage, overlays and the read-out bench rebuild the model from the checkpoint's own config: one saved before
+    decoder_width existed holds a decoder at half the encoder's channels, which today's default (a quarter) would
+    not fit. A missing key reads as what such runs trained with (BEFORE_KEY_EXISTED), not as today's default."""
+    from src.cnn.checkpoints import load_model
+    from src.cnn.model import build_model
+
+    assert Config().decoder_width != BEFORE_KEY_EXISTED["decoder_width"]
+    cfg = load_config(None, ["backbone=resnet10t", "context=0", "decoder_width=0.5"])
+    path = tmp_path / "best.pt"
+    save_checkpoint(path, build_model(cfg), cfg, epoch=1)
+    state = torch.load(path, weights_only=False)
+    del state["config"]["decoder_width"]  # saved before the key existed
+    torch.save(state, path)
+    model, loaded = load_model(path)
+    assert loaded.decoder_width == 0.5 and [b.block[0].out_channels for b in model.decoder] == [128, 64, 32, 32]
+    assert config_from_dict(state["config"]).volume_feature_grad is False  # a key the record holds keeps its value

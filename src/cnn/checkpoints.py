@@ -110,7 +110,9 @@ def config_from_dict(values: dict) -> Config:
     kwargs, dropped = {}, []
     for f in dataclasses.fields(Config):
         if f.name not in values:
-            continue  # a checkpoint older than the key: its default
+            if f.name in BEFORE_KEY_EXISTED:  # what runs trained with before the key: e.g. the decoder's width
+                kwargs[f.name] = BEFORE_KEY_EXISTED[f.name]
+            continue  # else a checkpoint older than the key: its default
         value = values[f.name]
         section = f.default_factory() if f.default_factory is not dataclasses.MISSING else None
         if dataclasses.is_dataclass(section):
