@@ -42,6 +42,21 @@ def step_seconds(model: torch.nn.Module, x: torch.Tensor, forward, reps: int) ->
     return sorted(times)[len(times) // 2]
 
 
+def smp_rows(args: argparse.Namespace, in_chans: int, x: torch.Tensor) -> list[dict]:
+    """One row per SMP_DECODERS entry: smp's Unet on the same timm encoder (smp takes ~10 s to import: only here)."""
+    import segmentation_models_pytorch as smp
+
+    rows = []
+    for name, channels in SMP_DECODERS.items():
+        net = smp.Unet(f"tu-{args.backbone}", encoder_weights=None, in_channels=in_chans, classes=1,
+                       decoder_channels=channels).train()
+        rows.append({"model": f"{name} {channels}", "params_total": sum(p.numel() for p in net.parameters()),
+                     "params_decoder": sum(p.numel() for n, p in net.named_parameters()
+                                           if n.startswith(("decoder", "segmentation_head"))),
+                     "seconds": step_seconds(net, x, lambda m, t: m(t), args.reps)})
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--backbone", default="resnet10t")
@@ -62,6 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     widths = [cfg.decoder_width, *(w for w in dict.fromkeys(args.widths) if w != cfg.decoder_width)]
     for width in widths:
         own = build_model(load_config(None, [*base_sets, f"decoder_width={width}"])).train()
+        if width == cfg.decoder_width:
+            encoder = own.encoder  # the default's: what every decoder adds its time to (its own row below)
         own_decoder = [p for n, p in own.named_parameters() if n.startswith(("decoder", "seg_"))]
         default = " (the default)" if width == cfg.decoder_width else ""
         rows.append({"model": f"own decoder (src/cnn/model.py), decoder_width={width:g}{default}",
@@ -69,19 +86,11 @@ def main(argv: list[str] | None = None) -> int:
                      "params_total": sum(p.numel() for p in own.parameters()),
                      "params_decoder": sum(p.numel() for p in own_decoder),
                      "seconds": step_seconds(own, x, lambda m, t: m(t, torch.ones(len(t)))["seg_logits"], args.reps)})
-    encoder = build_model(cfg).encoder.train()  # what every decoder adds its time to
     rows.append({"model": "encoder alone (no decoder)", "decoder_channels": [],
                  "params_total": sum(p.numel() for p in encoder.parameters()), "params_decoder": 0,
                  "seconds": step_seconds(encoder, x, lambda m, t: m(t)[-1], args.reps)})
     if not args.no_smp:
-        import segmentation_models_pytorch as smp  # ~10 s to import: only when its rows are asked for
-    for name, channels in ({} if args.no_smp else SMP_DECODERS).items():
-        net = smp.Unet(f"tu-{args.backbone}", encoder_weights=None, in_channels=cfg.in_chans, classes=1,
-                       decoder_channels=channels).train()
-        rows.append({"model": f"{name} {channels}", "params_total": sum(p.numel() for p in net.parameters()),
-                     "params_decoder": sum(p.numel() for n, p in net.named_parameters()
-                                           if n.startswith(("decoder", "segmentation_head"))),
-                     "seconds": step_seconds(net, x, lambda m, t: m(t), args.reps)})
+        rows += smp_rows(args, cfg.in_chans, x)
     base = rows[0]["seconds"]
     lines = [f"{args.backbone}, {args.size} px, batch {args.batch}, {cfg.in_chans} channels, "
              f"1 thread, median CPU time of {args.reps} forward+backward steps", "",

@@ -107,12 +107,11 @@ def deploy(model: nn.Module, state: dict[str, Any]) -> nn.Module:
 
 def config_from_dict(values: dict) -> Config:
     """A Config from dataclasses.asdict output; keys this code no longer knows are dropped with a note."""
+    values = {**BEFORE_KEY_EXISTED, **values}  # a key it lacks whose default changed since: what such runs trained with
     kwargs, dropped = {}, []
     for f in dataclasses.fields(Config):
         if f.name not in values:
-            if f.name in BEFORE_KEY_EXISTED:  # what runs trained with before the key: e.g. the decoder's width
-                kwargs[f.name] = BEFORE_KEY_EXISTED[f.name]
-            continue  # else a checkpoint older than the key: its default
+            continue  # a checkpoint older than the key: its default
         value = values[f.name]
         section = f.default_factory() if f.default_factory is not dataclasses.MISSING else None
         if dataclasses.is_dataclass(section):
