@@ -88,6 +88,31 @@ def test_env_script_takes_ich_python_as_it_is(tmp_path):
     assert missing.stderr.strip() == f"error: ICH_PYTHON={tmp_path / 'none'} is not an executable"
 
 
+def test_env_script_builds_a_venv_with_its_bytecode(tmp_path):
+    """A first run builds .venv/ from requirements.txt with every package byte-compiled (pip itself is told not to,
+    compileall does it on every core): with PYTHONDONTWRITEBYTECODE set, nothing would write the .pyc later."""
+    requirement = "tomli==2.4.0"  # small, from the registry, and not among the project's requirements
+    python3 = subprocess.run(["bash", "-c", "command -v python3"], capture_output=True, text=True).stdout.strip()
+    has_it = subprocess.run([python3, "-c", "import importlib.metadata as m; print(m.version('tomli'))"],
+                            capture_output=True, text=True).stdout.strip()
+    if has_it == "2.4.0":
+        pytest.skip("python3 already has tomli 2.4.0: env.sh would use it and build nothing")
+    (tmp_path / "scripts").mkdir()
+    (tmp_path / "scripts" / "env.sh").write_text((ROOT / "scripts" / "env.sh").read_text())
+    (tmp_path / "requirements.txt").write_text(requirement + "\n")
+    env = {k: v for k, v in os.environ.items() if k != "ICH_PYTHON"}
+    done = subprocess.run(["bash", "-c", 'source scripts/env.sh && echo "PY=$PY"'], cwd=tmp_path,
+                          env={**env, "PYTHONDONTWRITEBYTECODE": "1"}, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == f"PY={tmp_path / '.venv' / 'bin' / 'python'}"
+    site = next((tmp_path / ".venv" / "lib").glob("python3*/site-packages"))
+    assert sorted(p.name.split(".")[0] for p in (site / "tomli" / "__pycache__").glob("*.pyc")) == [
+        "__init__", "_parser", "_re", "_types"]
+    assert (tmp_path / ".venv" / ".requirements.sha1").read_text().split() == [
+        subprocess.run(["sha1sum", "requirements.txt"], cwd=tmp_path, capture_output=True, text=True,
+                       check=True).stdout.split()[0]]
+
+
 def test_gpu_check_runs_the_chosen_steps_and_says_when_there_is_no_gpu(tmp_path):
     def gpu_check(**env):
         return subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), str(tmp_path)], cwd=ROOT,
