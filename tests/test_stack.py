@@ -319,7 +319,7 @@ def test_run_stack_end_to_end_writes_three_dirs(tmp_path, monkeypatch):
     meta_train, meta_test, valid, test = fake_pipeline(n_patients=30, seed=4)
     write_oof(tmp_path, "exp", valid, test)
     out = run_stack("exp", tmp_path, meta_train, meta_test, n_folds=5, k=3, seed=0, lgbm_params=FAST_LGBM,
-                    gru_params=FAST_GRU)
+                    gru_params=FAST_GRU, parallel=True)
     assert out["lgbm"]["cv_mode"] == "same_folds" and out["gru"]["gru_inputs"] == "8-d embeddings"
     for kind in ("lgbm", "gru", "blend"):
         d = tmp_path / f"exp_stack_{kind}"
@@ -344,6 +344,33 @@ def test_run_stack_end_to_end_writes_three_dirs(tmp_path, monkeypatch):
     assert main(["--exp", "exp", "--compare", "--oof-root", str(tmp_path)]) == 0
     text = (tmp_path / "exp_stack_compare.md").read_text()
     assert "stack_blend" in text and "study_wll" in text
+
+
+def test_stackers_fit_side_by_side_give_what_they_give_one_after_the_other(tmp_path, monkeypatch):
+    """LightGBM in a second thread while the GRU fits: the same files, to the byte, as fitting them in turn; and
+    only when both stackers' threads fit in the machine's CPUs."""
+    import src.stack.run as stack_run
+
+    torch.set_num_threads(1)
+    meta_train, meta_test, valid, test = fake_pipeline(n_patients=24, seed=7)
+    pools = []
+
+    class CountedPool(stack_run.ThreadPoolExecutor):
+        def __init__(self, *args, **kwargs):
+            pools.append(1)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(stack_run, "ThreadPoolExecutor", CountedPool)
+    outputs = {}
+    for cpus in (2, 1):
+        monkeypatch.setattr(stack_run, "machine_threads", lambda cpus=cpus: cpus)
+        root = tmp_path / f"cpus{cpus}"
+        write_oof(root, "exp", valid, test)
+        run_stack("exp", root, meta_train, meta_test, n_folds=5, k=2, lgbm_params=FAST_LGBM,
+                  gru_params={**FAST_GRU, "epochs": 3})
+        outputs[cpus] = {p.relative_to(root): p.read_bytes() for p in root.glob("exp_stack_*/stack_*.csv")}
+        assert len(pools) == 1  # 2 CPUs: LightGBM got its thread; 1 CPU: no second one
+    assert len(outputs[2]) == 6 and outputs[2] == outputs[1]
 
 
 def test_partial_folds_use_inner_cv_and_cli_skip_gru(tmp_path, monkeypatch):

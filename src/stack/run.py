@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 
 from src.atomic import write_csv, write_json
 from src.constants import FOLD_COL, ID_COL, LABELS, PATIENT, VOLUME_COL
@@ -18,6 +20,7 @@ from src.stack.cv import CVResult, cross_fit, level2_splits
 from src.stack.features import SERIES_ID, join_series, neighbour_features, sequence_inputs
 from src.stack.gru import GRUStacker
 from src.stack.lgbm import LGBMStacker
+from src.stack.threads import lgbm_threads, machine_threads
 
 
 def valid_embeddings(exp_dir: Path, valid_files: dict[int, Path], parts: list[pd.DataFrame],
@@ -50,8 +53,10 @@ def work_done(models: list) -> dict:
 
 def run_stack(exp: str, oof_root: Path, meta_train: pd.DataFrame, meta_test: pd.DataFrame | None, n_folds: int,
               k: int = 5, seed: int = 0, skip_gru: bool = False, lgbm_params: dict | None = None,
-              gru_params: dict | None = None, n_inner: int = 5) -> dict[str, dict]:
-    """Fit the stackers on oof/<exp>/fold*_valid.csv and write oof/<exp>_stack_{lgbm,gru,blend}/; returns metrics."""
+              gru_params: dict | None = None, n_inner: int = 5, parallel: bool | None = None) -> dict[str, dict]:
+    """Fit the stackers on oof/<exp>/fold*_valid.csv and write oof/<exp>_stack_{lgbm,gru,blend}/; returns metrics.
+
+    `parallel`: fit LightGBM and the GRU at the same time (None: when their threads fit in the machine's CPUs)."""
     exp_dir = oof_root / exp
     valid_files = fold_files(exp_dir, "valid")
     if not valid_files:
@@ -80,17 +85,22 @@ def run_stack(exp: str, oof_root: Path, meta_train: pd.DataFrame, meta_test: pd.
     # out of the distribution the stacker was fit on.
     test_feats = [(t[ID_COL], neighbour_features(t, k)) for t in test_tables.values()]
     lgbm_kw = {"random_state": seed, **(lgbm_params or {})}
-    clock = time.perf_counter()
-    results = {"lgbm": cross_fit(
-        splits, len(valid),
-        fit=lambda rows: LGBMStacker(**lgbm_kw).fit(feats.iloc[rows], labels[rows], groups[rows]),
-        predict=lambda m, rows: m.predict_proba(feats.iloc[rows]),
-        predict_test=(lambda m: mean_by_id([(ids, m.predict_proba(f)) for ids, f in test_feats], test_ids))
-        if test_feats else None, desc="lgbm")}
-    seconds = {"lgbm": time.perf_counter() - clock}
+    results, seconds = {}, {}
+
+    def fit_lgbm() -> None:
+        clock = time.perf_counter()
+        results["lgbm"] = cross_fit(
+            splits, len(valid),
+            fit=lambda rows: LGBMStacker(**lgbm_kw).fit(feats.iloc[rows], labels[rows], groups[rows]),
+            predict=lambda m, rows: m.predict_proba(feats.iloc[rows]),
+            predict_test=(lambda m: mean_by_id([(ids, m.predict_proba(f)) for ids, f in test_feats], test_ids))
+            if test_feats else None, desc="lgbm")
+        seconds["lgbm"] = time.perf_counter() - clock
 
     emb_note = "none"
-    if not skip_gru:
+    if skip_gru:
+        fit_lgbm()
+    else:
         emb_valid = valid_embeddings(exp_dir, valid_files, parts, valid[ID_COL])
         if emb_valid is not None:
             emb_note = f"{emb_valid.shape[1]}-d embeddings"
@@ -110,16 +120,33 @@ def run_stack(exp: str, oof_root: Path, meta_train: pd.DataFrame, meta_test: pd.
         def part(rows):
             return None if emb_valid is None else emb_valid[rows]
 
-        gru_kw = {"random_state": seed, **(gru_params or {})}
-        clock = time.perf_counter()
-        results["gru"] = cross_fit(
-            splits, len(valid),
-            fit=lambda rows: GRUStacker(**gru_kw).fit(X[rows], labels[rows], series[rows], groups[rows],
-                                                      emb=part(rows)),
-            predict=lambda m, rows: m.predict_proba(X[rows], series[rows], emb=part(rows)),
-            predict_test=(lambda m: gru_over_folds(m, gru_tests(), test_ids)) if test_tables else None,
-            desc="gru")
-        seconds["gru"] = time.perf_counter() - clock
+        def fit_gru() -> None:
+            gru_kw = {"random_state": seed, **(gru_params or {})}
+            clock = time.perf_counter()
+            results["gru"] = cross_fit(
+                splits, len(valid),
+                fit=lambda rows: GRUStacker(**gru_kw).fit(X[rows], labels[rows], series[rows], groups[rows],
+                                                          emb=part(rows)),
+                predict=lambda m, rows: m.predict_proba(X[rows], series[rows], emb=part(rows)),
+                predict_test=(lambda m: gru_over_folds(m, gru_tests(), test_ids)) if test_tables else None,
+                desc="gru")
+            seconds["gru"] = time.perf_counter() - clock
+
+        lgbm_cores = lgbm_kw.get("n_jobs") or lgbm_threads(len(valid))
+        if parallel is None:
+            parallel = lgbm_cores + torch.get_num_threads() <= machine_threads()
+        if parallel:
+            # Each stacker keeps its cores busy from C (LightGBM's rounds, torch's kernels; both let go of the
+            # GIL there), so the two fit side by side on cores the other leaves idle, each with the threads it
+            # would have alone: the same models as one after the other.
+            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="lgbm") as pool:
+                lgbm_done = pool.submit(fit_lgbm)
+                fit_gru()
+                lgbm_done.result()
+        else:
+            fit_lgbm()
+            fit_gru()
+        results = {"lgbm": results["lgbm"], "gru": results["gru"]}  # in this order whichever finished first
         # Blend = plain mean: choosing weights on the same OOF it is scored on would leak a little.
         blend_test = None if results["lgbm"].test is None else (results["lgbm"].test + results["gru"].test) / 2
         results["blend"] = CVResult((results["lgbm"].oof + results["gru"].oof) / 2, blend_test)
