@@ -3,17 +3,7 @@ rows keep busy."""
 
 from __future__ import annotations
 
-import os
-
-
-def machine_threads() -> int:
-    """CPUs available to this process (its affinity mask where the OS has one, e.g. under taskset or a container
-    cpuset), at least 1."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # macOS, Windows
-        return max(1, os.cpu_count() or 1)
-
+from src.cpus import machine_threads
 
 # LightGBM splits each boosting round into many short parallel steps; its (passive, see src/stack/__main__.py)
 # OpenMP threads sleep between them and waking them costs more than a thread saves until each has enough rows.

@@ -3,4 +3,5 @@
 from src.errors import run_cli
 from src.synth.generator import main
 
-run_cli(main)
+if __name__ == "__main__":  # the writer processes (spawned) import this module again
+    run_cli(main)

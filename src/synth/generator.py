@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+from concurrent.futures import Future, ProcessPoolExecutor
+from contextlib import nullcontext
+from multiprocessing import get_context
 from pathlib import Path
 
 import cv2
@@ -16,6 +19,7 @@ from tqdm import tqdm
 
 from src import paths
 from src.constants import ID_COL, LABELS, SUBTYPES, VOLUME_COL
+from src.cpus import machine_threads
 from src.errors import InputError, run_cli
 from src.synth.phantom import Anatomy, render, sample_anatomy
 from src.synth.series import Series, dicom_dataset
@@ -151,9 +155,38 @@ def _plan(rng: np.random.Generator, n_studies: int) -> tuple[list[str], list[str
     return patients, split, ["pos" if p else "neg" for p in positive]
 
 
-def generate(out_dir: Path, n_studies: int = DEFAULT_STUDIES, seed: int = 0, size: int = 128) -> dict:
-    """Write the whole dataset into `out_dir` (built beside it, then renamed); returns summary counts."""
+def generate(out_dir: Path, n_studies: int = DEFAULT_STUDIES, seed: int = 0, size: int = 128,
+             writers: int | None = None) -> dict:
+    """Write the whole dataset into `out_dir` (built beside it, then renamed); returns summary counts.
+
+    `writers`: processes writing DICOM files while the next studies render (None: one per CPU but this one's;
+    0: none, all in this process). The files are the same whichever: one random stream draws everything here."""
+    tmp = out_dir.parent / f".{out_dir.name}.partial"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    for sub in ("stage_2_train", "stage_2_test", "masks"):
+        (tmp / sub).mkdir(parents=True)
+    if writers is None:
+        writers = machine_threads() - 1
+    # spawn, not fork: the caller may hold threads (torch's, tqdm's monitor) whose locks a forked child inherits.
+    with ProcessPoolExecutor(writers, mp_context=get_context("spawn")) if writers > 0 else nullcontext() as pool:
+        summary = _generate(tmp, n_studies, seed, size, pool)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
+    return summary
+
+
+def _generate(root: Path, n_studies: int, seed: int, size: int, pool: ProcessPoolExecutor | None) -> dict:
     rng = np.random.default_rng(seed)
+    written: list[Future] = []
+
+    def write(s: Series, bug_intercept: float) -> None:
+        if pool is None:
+            _write_series(root, s, bug_intercept)
+        else:
+            written.append(pool.submit(_write_series, root, s, bug_intercept))
+
     patients, split, status = _plan(rng, n_studies)
     used: set[str] = set()
     series_list: list[Series] = []
@@ -193,19 +226,8 @@ def generate(out_dir: Path, n_studies: int = DEFAULT_STUDIES, seed: int = 0, siz
             s.positions = np.insert(s.positions, k + 1, s.positions[k], axis=0)
             s.image_ids.insert(k + 1, "ID_" + _hex(rng, 9, used))
         series_list.append(s)
-    tmp = out_dir.parent / f".{out_dir.name}.partial"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    summary = _write(tmp, series_list, rng)
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
-    return summary
-
-
-def _write(root: Path, series_list: list[Series], rng: np.random.Generator) -> dict:
-    for sub in ("stage_2_train", "stage_2_test", "masks"):
-        (root / sub).mkdir(parents=True)
+        if storage != "bug12":  # its intercept is drawn after every study renders; no other series reads it
+            write(s, 0.0)
     train_blocks, volumes, test_ids = [], [], []
     corrupt_candidates = [
         (s, k)
@@ -215,25 +237,27 @@ def _write(root: Path, series_list: list[Series], rng: np.random.Generator) -> d
         if not (s.blood[k] >= 0).any()
     ]
     corrupt = corrupt_candidates[int(rng.integers(len(corrupt_candidates)))] if corrupt_candidates else None
-    # RSNA UIDs (`ID_<hex>`) are invalid for VR UI, as in the real files: skip validation while writing.
-    with pydicom.config.disable_value_validation():
-        for s in tqdm(series_list, desc="synth write", unit="series"):
-            bug_intercept = float(rng.integers(0, 2))
-            for k, image_id in enumerate(s.image_ids):
-                ds = dicom_dataset(s, k, bug_intercept)
-                if corrupt is not None and corrupt[0] is s and corrupt[1] == k:
-                    ds.PixelData = ds.PixelData[: len(ds.PixelData) // 3 // 2 * 2]  # header reads, pixels don't
-                ds.save_as(root / f"stage_2_{s.split}" / f"{image_id}.dcm", enforce_file_format=True)
-                if s.split == "test":
-                    test_ids.append(image_id)
-                    continue
-                present = [int((s.blood[k] == j).any()) for j in range(len(SUBTYPES))]
-                train_blocks.append((image_id, [*present, int(any(present))]))
-                mask = (s.blood[k] >= 0).astype(np.uint8) * 255
-                if mask.any():
-                    cv2.imwrite(str(root / "masks" / f"{image_id}.png"), mask)
-                vol = float(mask.astype(bool).sum()) * s.pixel_spacing[0] * s.pixel_spacing[1] * s.slice_spacing
-                volumes.append((image_id, s.study, vol))
+    for s in series_list:
+        bug_intercept = float(rng.integers(0, 2))
+        if s.storage == "bug12":
+            write(s, bug_intercept)
+    for done in tqdm(written, desc="synth write", unit="series", initial=len(series_list) - len(written),
+                     total=len(series_list)):
+        done.result()
+    if corrupt is not None:  # rewritten once its series is on disk: the header reads, the pixels do not
+        s, k = corrupt
+        ds = _dataset(s, k, 0.0)
+        ds.PixelData = ds.PixelData[: len(ds.PixelData) // 3 // 2 * 2]
+        _save(ds, root / f"stage_2_{s.split}" / f"{s.image_ids[k]}.dcm")
+    for s in series_list:
+        for k, image_id in enumerate(s.image_ids):
+            if s.split == "test":
+                test_ids.append(image_id)
+                continue
+            present = [int((s.blood[k] == j).any()) for j in range(len(SUBTYPES))]
+            train_blocks.append((image_id, [*present, int(any(present))]))
+            vol = float((s.blood[k] >= 0).sum()) * s.pixel_spacing[0] * s.pixel_spacing[1] * s.slice_spacing
+            volumes.append((image_id, s.study, vol))
     labels = np.array([b[1] for b in train_blocks])
     dups = rng.choice(len(train_blocks), min(4, len(train_blocks)), replace=False)
     blocks = train_blocks + [train_blocks[i] for i in dups]
@@ -255,6 +279,26 @@ def _write(root: Path, series_list: list[Series], rng: np.random.Generator) -> d
         "slice_rates": dict(zip(LABELS, labels.mean(axis=0).round(4).tolist())) if len(labels) else {},
         "corrupt": corrupt[0].image_ids[corrupt[1]] if corrupt else None,
     }
+
+
+def _dataset(s: Series, k: int, bug_intercept: float) -> pydicom.Dataset:
+    # RSNA UIDs (`ID_<hex>`) are invalid for VR UI, as in the real files: skip validation while building.
+    with pydicom.config.disable_value_validation():
+        return dicom_dataset(s, k, bug_intercept)
+
+
+def _save(ds: pydicom.Dataset, path: Path) -> None:
+    with pydicom.config.disable_value_validation():
+        ds.save_as(path, enforce_file_format=True)
+
+
+def _write_series(root: Path, s: Series, bug_intercept: float) -> None:
+    """One series' DICOM files and, for train slices with blood, its mask PNGs."""
+    for k, image_id in enumerate(s.image_ids):
+        _save(_dataset(s, k, bug_intercept), root / f"stage_2_{s.split}" / f"{image_id}.dcm")
+        mask = (s.blood[k] >= 0).astype(np.uint8) * 255
+        if s.split == "train" and mask.any():
+            cv2.imwrite(str(root / "masks" / f"{image_id}.png"), mask)
 
 
 def main(argv: list[str] | None = None) -> int:
