@@ -347,8 +347,8 @@ def test_run_stack_end_to_end_writes_three_dirs(tmp_path, monkeypatch):
 
 
 def test_stackers_fit_side_by_side_give_what_they_give_one_after_the_other(tmp_path, monkeypatch):
-    """LightGBM in a second thread while the GRU fits: the same files, to the byte, as fitting them in turn; and
-    only when both stackers' threads fit in the machine's CPUs."""
+    """The GRU in one thread, LightGBM's splits in another and then in the GRU's: the same files, to the byte, as
+    fitting them in turn; and only when two fits' threads fit in the machine's CPUs."""
     import src.stack.run as stack_run
 
     torch.set_num_threads(1)

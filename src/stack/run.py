@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -56,7 +57,8 @@ def run_stack(exp: str, oof_root: Path, meta_train: pd.DataFrame, meta_test: pd.
               gru_params: dict | None = None, n_inner: int = 5, parallel: bool | None = None) -> dict[str, dict]:
     """Fit the stackers on oof/<exp>/fold*_valid.csv and write oof/<exp>_stack_{lgbm,gru,blend}/; returns metrics.
 
-    `parallel`: fit LightGBM and the GRU at the same time (None: when their threads fit in the machine's CPUs)."""
+    `parallel`: fit the GRU and LightGBM's splits side by side, the same models as in turn (None: when two fits'
+    threads fit in the machine's CPUs)."""
     exp_dir = oof_root / exp
     valid_files = fold_files(exp_dir, "valid")
     if not valid_files:
@@ -87,19 +89,24 @@ def run_stack(exp: str, oof_root: Path, meta_train: pd.DataFrame, meta_test: pd.
     lgbm_kw = {"random_state": seed, **(lgbm_params or {})}
     results, seconds = {}, {}
 
-    def fit_lgbm() -> None:
+    def fit_lgbm(executor: ThreadPoolExecutor | None = None) -> None:
         clock = time.perf_counter()
         results["lgbm"] = cross_fit(
             splits, len(valid),
             fit=lambda rows: LGBMStacker(**lgbm_kw).fit(feats.iloc[rows], labels[rows], groups[rows]),
             predict=lambda m, rows: m.predict_proba(feats.iloc[rows]),
             predict_test=(lambda m: mean_by_id([(ids, m.predict_proba(f)) for ids, f in test_feats], test_ids))
-            if test_feats else None, desc="lgbm")
+            if test_feats else None, desc="lgbm", executor=executor)
         seconds["lgbm"] = time.perf_counter() - clock
 
+    # Workers that each keep their own cores busy: one LightGBM fit, or the GRU, takes that many threads.
+    workers = machine_threads() // max(lgbm_kw.get("n_jobs") or lgbm_threads(len(valid)), torch.get_num_threads())
+    if parallel is None:
+        parallel = workers >= 2
     emb_note = "none"
     if skip_gru:
-        fit_lgbm()
+        with ThreadPoolExecutor(workers, thread_name_prefix="stack") if parallel else nullcontext() as pool:
+            fit_lgbm(pool)
     else:
         emb_valid = valid_embeddings(exp_dir, valid_files, parts, valid[ID_COL])
         if emb_valid is not None:
@@ -132,17 +139,14 @@ def run_stack(exp: str, oof_root: Path, meta_train: pd.DataFrame, meta_test: pd.
                 desc="gru")
             seconds["gru"] = time.perf_counter() - clock
 
-        lgbm_cores = lgbm_kw.get("n_jobs") or lgbm_threads(len(valid))
-        if parallel is None:
-            parallel = lgbm_cores + torch.get_num_threads() <= machine_threads()
         if parallel:
-            # Each stacker keeps its cores busy from C (LightGBM's rounds, torch's kernels; both let go of the
-            # GIL there), so the two fit side by side on cores the other leaves idle, each with the threads it
-            # would have alone: the same models as one after the other.
-            with ThreadPoolExecutor(max_workers=1, thread_name_prefix="lgbm") as pool:
-                lgbm_done = pool.submit(fit_lgbm)
-                fit_gru()
-                lgbm_done.result()
+            # Each fit keeps its cores busy from C (LightGBM's rounds, torch's kernels; both let go of the GIL
+            # there). The GRU's splits stay in turn (torch's one global random stream); LightGBM's splits, each
+            # seeded by its own parameters, fill the other workers and then the GRU's: the same models as in turn.
+            with ThreadPoolExecutor(max(2, workers), thread_name_prefix="stack") as pool:
+                gru_done = pool.submit(fit_gru)
+                fit_lgbm(pool)
+                gru_done.result()
         else:
             fit_lgbm()
             fit_gru()
