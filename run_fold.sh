@@ -85,11 +85,15 @@ if compgen -G "$out/oof/$exp/fold[0-9]*_valid.csv" > /dev/null; then
   [ "$status" -eq 0 ] || [ "$status" -eq 2 ] || exit "$status"
   [ "$status" -eq 0 ] || echo "[stack] skipped: the message above says why; reports and submission use the CNN"
 fi
+reported=()
 for pred in "$out/oof/$exp" "$out/oof/${exp}_stack_lgbm" "$out/oof/${exp}_stack_gru" "$out/oof/${exp}_stack_blend"; do
-  if compgen -G "$pred/*_valid.csv" > /dev/null; then
-    stage "report: $pred" -m src.evaluate.report --pred "$pred" "${config_args[@]}" "${data_args[@]}" --triage
-  fi
+  if compgen -G "$pred/*_valid.csv" > /dev/null; then reported+=("$pred"); fi
 done
+# One process, the reports side by side on the CPUs (each alone would import its libraries again). Fold -1 has none.
+if [ ${#reported[@]} -gt 0 ]; then
+  stage "reports and triage: ${reported[*]}" -m src.evaluate.report --pred "${reported[@]}" "${config_args[@]}" \
+    "${data_args[@]}" --triage
+fi
 # Submit from whichever predictions score best on the same OOF rows: a stacker fit on one fold's OOF can be worse
 # than the CNN it stacks, and then the CNN's own test predictions go in.
 best_pred="$("$PY" - "$out/oof" "$exp" <<'PYEOF'

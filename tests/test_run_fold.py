@@ -46,6 +46,9 @@ def test_run_fold_zero_end_to_end(tiny_set, tmp_path):
     held_out = set(folds.loc[folds["fold"] == 0, "ID"])
     assert set(valid["ID"]) <= held_out and len(valid) >= len(held_out) - 1  # the corrupt file may be in fold 0
     assert (oof / "report" / "report.md").exists() and (oof / "report" / "thresholds.json").exists()
+    for kind in ("lgbm", "gru", "blend"):  # reported in the same process as the CNN, by its worker processes
+        assert (tmp_path / "oof" / f"{exp}_stack_{kind}" / "report" / "triage_studies.csv").exists(), kind
+    assert done.stdout.count("== reports and triage: ") == 1
     assert (oof / "bloodnet" / "study_volumes.csv").exists()
     submission = pd.read_csv(tmp_path / "submissions" / f"{exp}_fold0.csv")
     sample = pd.read_csv(tiny_set / "stage_2_sample_submission.csv")
@@ -175,6 +178,7 @@ def test_run_fold_goes_on_when_stacking_cannot_run_and_times_every_stage(tmp_pat
     assert "[stack] skipped" in done.stdout
     assert ran[:4] == ["src.data.metadata", "src.data.cache", "src.data.folds", "src.cnn.train"]
     assert "src.stack" in ran and ran.count("src.evaluate.submit") == 2  # the submission and its check
+    assert ran.count("src.evaluate.report") == 1  # every report in one process
     times = pd.read_csv(tmp_path / "out" / "work" / "run_fold0_stage_seconds.tsv", sep="\t")
     assert "sequence stackers on the available OOF (failed: exit status 2)" in set(times["stage"])
     assert len(times) == len(ran) + 3  # each stage, two setup lines and the total

@@ -266,3 +266,34 @@ def test_cli_report_then_triage(tmp_path, monkeypatch, capsys):
     assert pd.read_csv(tmp_path / "triage_studies.csv").shape[0] == 4
     with pytest.raises(InputError, match="--precisions"):
         main(["--pred", str(pred_dir), "--precisions", "0.7,abc"])
+
+
+def test_cli_reports_several_directories_side_by_side(tmp_path, monkeypatch):
+    """--pred A B: one report each, written by worker processes (forked here, so that they see the faked
+    metadata; the CLI spawns them), the same files as one directory at a time; --out takes one directory only."""
+    import multiprocessing
+
+    import src.evaluate.report as report
+
+    meta, preds = _crafted(n_studies=16, per_study=8, seed=6)
+    dirs = [tmp_path / name for name in ("pred_one", "pred_two", "pred_alone")]
+    for d in dirs:
+        d.mkdir()
+        for fold in (0, 1):
+            preds[preds["fold"] == fold].to_csv(d / f"fold{fold}_valid.csv", index=False)
+    monkeypatch.setattr(report, "load_meta", lambda data_dir, split: meta)
+    monkeypatch.setattr(report, "get_context", lambda method: multiprocessing.get_context("fork"))
+    pools = []
+    real_pool = report.ProcessPoolExecutor
+    monkeypatch.setattr(report, "ProcessPoolExecutor", lambda *a, **k: pools.append(a) or real_pool(*a, **k))
+    monkeypatch.setattr(report, "machine_threads", lambda: 2)
+    common = ["--data", str(tmp_path), "--n-boot", "20"]
+    assert main(["--pred", str(dirs[0]), str(dirs[1]), *common]) == 0
+    assert pools == [(2,)]
+    monkeypatch.setattr(report, "machine_threads", lambda: 1)
+    assert main(["--pred", str(dirs[2]), *common]) == 0 and len(pools) == 1
+    for name in ("thresholds.json", "report.md"):
+        texts = [(d / "report" / name).read_text().replace(d.name, "X") for d in dirs]
+        assert texts[0] == texts[1] == texts[2], name
+    with pytest.raises(InputError, match="--out names one report folder"):
+        main(["--pred", str(dirs[0]), str(dirs[1]), "--out", str(tmp_path / "r"), *common])

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +14,7 @@ import pandas as pd
 
 from src.atomic import write_csv, write_json, write_text
 from src.constants import FOLD_COL, ID_COL, LABELS, PATIENT, SERIES, SLICE_INDEX, STUDY
+from src.cpus import machine_threads
 from src.errors import InputError, run_cli
 from src.evaluate.any_variants import any_comparison
 from src.evaluate.deploy import deploy_thresholds
@@ -179,9 +182,10 @@ def load_meta(data_dir: Path, split: str) -> pd.DataFrame:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m src.evaluate.report", description=__doc__)
-    parser.add_argument("--pred", required=True, help="prediction directory, e.g. oof/<exp>")
+    parser.add_argument("--pred", required=True, nargs="+", help="prediction directories, e.g. oof/<exp> (several: "
+                        "reported side by side, one process per CPU)")
     parser.add_argument("--data", help="data directory (default: $ICH_DATA, input/, input/synthetic/)")
-    parser.add_argument("--out", help="report folder (default: <pred>/report)")
+    parser.add_argument("--out", help="report folder (default: <pred>/report; one --pred only)")
     # Defaults from the config's `report` section (--config F / --set report.key=v); these flags override it.
     parser.add_argument("--precisions", help="target precisions, comma-separated")
     parser.add_argument("--n-boot", type=int, help="bootstrap resamples of studies for AUC CIs")
@@ -191,13 +195,30 @@ def main(argv: list[str] | None = None) -> int:
     mode.add_argument("--triage", action="store_true", help="after the report, flag the *_test.csv predictions")
     mode.add_argument("--triage-only", action="store_true", help="flag test predictions with a saved thresholds.json")
     args, cfg = parse_with_section(parser, argv, "report")
-    pred_dir = Path(args.pred)
-    if not pred_dir.is_dir():
-        raise InputError(f"{pred_dir}: not a directory")
+    pred_dirs = [Path(p) for p in args.pred]
+    for pred_dir in pred_dirs:
+        if not pred_dir.is_dir():
+            raise InputError(f"{pred_dir}: not a directory")
+    if args.out and len(pred_dirs) > 1:
+        raise InputError(f"--out names one report folder; --pred gave {len(pred_dirs)} directories")
     if args.n_boot < 1 or args.run < 1:
         raise InputError("--n-boot and --run must be >= 1")
-    out_dir = Path(args.out) if args.out else pred_dir / "report"
     data_dir = resolve_data_dir(args.data)
+    workers = min(len(pred_dirs), machine_threads())
+    if workers < 2:
+        for pred_dir in pred_dirs:
+            report_one(pred_dir, args, cfg, data_dir)
+        return 0
+    # One process each (numpy and matplotlib hold the GIL for much of a report); spawned, not forked, as elsewhere.
+    with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+        for done in [pool.submit(report_one, pred_dir, args, cfg, data_dir) for pred_dir in pred_dirs]:
+            done.result()
+    return 0
+
+
+def report_one(pred_dir: Path, args: argparse.Namespace, cfg, data_dir: Path) -> None:
+    """The report (and triage, when asked) of one prediction directory, as `main` parsed the flags."""
+    out_dir = Path(args.out) if args.out else pred_dir / "report"
     if not args.triage_only:
         valid = load_valid_predictions(pred_dir)
         members = load_fold_test_predictions(pred_dir)  # the fold models test and triage average
@@ -233,7 +254,6 @@ def main(argv: list[str] | None = None) -> int:
         )
     write_json(section_record(cfg, "report", pred=str(pred_dir), data_dir=str(data_dir)),
                out_dir / "report_settings.json")
-    return 0
 
 
 if __name__ == "__main__":
