@@ -1,5 +1,6 @@
 """End to end: `bash run_fold.sh 0` on a tiny generated set, DICOM to a checked submission, outputs under ICH_OUT."""
 
+import json
 import os
 import subprocess
 import sys
@@ -91,29 +92,69 @@ def test_env_script_takes_ich_python_as_it_is(tmp_path):
     assert missing.stderr.strip() == f"error: ICH_PYTHON={tmp_path / 'none'} is not an executable"
 
 
-def test_env_script_builds_a_venv_with_its_bytecode(tmp_path):
-    """A first run builds .venv/ from requirements.txt with every package byte-compiled (pip itself is told not to,
-    compileall does it on every core): with PYTHONDONTWRITEBYTECODE set, nothing would write the .pyc later."""
-    requirement = "tomli==2.4.0"  # small, from the registry, and not among the project's requirements
+@pytest.mark.parametrize("side_by_side", [True, False])
+def test_env_script_builds_a_venv_with_its_bytecode(tmp_path, side_by_side):
+    """A first run builds .venv/ from requirements.txt: pip's resolved wheels installed by one pip per CPU (when
+    that fails, here for want of its helper script, by one pip), every package then byte-compiled (pip is told not
+    to; compileall does it on every core): with PYTHONDONTWRITEBYTECODE set, nothing would write the .pyc later."""
+    # Small, from the registry, not among the project's requirements; tomli is not in the python3 running env.sh
+    requirements = ["tomli==2.4.0", "six==1.17.0"]
     python3 = subprocess.run(["bash", "-c", "command -v python3"], capture_output=True, text=True).stdout.strip()
     has_it = subprocess.run([python3, "-c", "import importlib.metadata as m; print(m.version('tomli'))"],
                             capture_output=True, text=True).stdout.strip()
     if has_it == "2.4.0":
         pytest.skip("python3 already has tomli 2.4.0: env.sh would use it and build nothing")
     (tmp_path / "scripts").mkdir()
-    (tmp_path / "scripts" / "env.sh").write_text((ROOT / "scripts" / "env.sh").read_text())
-    (tmp_path / "requirements.txt").write_text(requirement + "\n")
+    for name in ("env.sh", "split_install.py") if side_by_side else ("env.sh",):
+        (tmp_path / "scripts" / name).write_text((ROOT / "scripts" / name).read_text())
+    (tmp_path / "requirements.txt").write_text("\n".join(requirements) + "\n")
     env = {k: v for k, v in os.environ.items() if k != "ICH_PYTHON"}
     done = subprocess.run(["bash", "-c", 'source scripts/env.sh && echo "PY=$PY"'], cwd=tmp_path,
                           env={**env, "PYTHONDONTWRITEBYTECODE": "1"}, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1] == f"PY={tmp_path / '.venv' / 'bin' / 'python'}"
+    if side_by_side and len(os.sched_getaffinity(0)) >= 2:
+        assert "[setup] installing 2 wheels with 2 pip processes at once" in done.stdout, done.stdout
+        assert "one pip process" not in done.stdout
+    elif not side_by_side:
+        assert "[setup] installing with one pip process" in done.stdout, done.stdout
     site = next((tmp_path / ".venv" / "lib").glob("python3*/site-packages"))
     assert sorted(p.name.split(".")[0] for p in (site / "tomli" / "__pycache__").glob("*.pyc")) == [
         "__init__", "_parser", "_re", "_types"]
+    assert list((site / "__pycache__").glob("six.*.pyc"))
+    installed = subprocess.run([str(tmp_path / ".venv" / "bin" / "pip"), "list", "--format=freeze"],
+                               capture_output=True, text=True, check=True).stdout.split()
+    assert set(requirements) <= set(installed)
+    assert not list((tmp_path / ".venv").glob(".install-plan*"))  # the plan and its parts are removed
     assert (tmp_path / ".venv" / ".requirements.sha1").read_text().split() == [
         subprocess.run(["sha1sum", "requirements.txt"], cwd=tmp_path, capture_output=True, text=True,
                        check=True).stdout.split()[0]]
+
+
+def test_install_plan_splits_wheels_by_size(tmp_path):
+    """scripts/split_install.py: the largest wheels first, each to the lightest part; downloads (size unknown)
+    spread by count; every package in exactly one part, pinned to its resolved version."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import split_install
+    finally:
+        sys.path.pop(0)
+    sizes = {"big": 900, "mid": 500, "small": 300, "tiny": 100}
+    local = []
+    for name, size in sizes.items():
+        (tmp_path / f"{name}.whl").write_bytes(b"x" * size)
+        local.append((f"{name}==1.0", (tmp_path / f"{name}.whl").as_uri()))
+    remote = [(f"r{i}==2.0", f"https://example.org/r{i}.whl") for i in range(4)]
+    parts = split_install.split(local + remote, 2)
+    assert sorted(spec for part in parts for spec in part) == sorted(spec for spec, _ in local + remote)
+    loads = [sum(sizes.get(spec.split("==")[0], 0) for spec in part) for part in parts]
+    assert sorted(loads) == [900, 900] and [len(p) for p in parts] == [4, 4]
+    report = tmp_path / "report.json"
+    report.write_text(json.dumps({"install": [{"metadata": {"name": spec.split("==")[0], "version": "1.0"},
+                                               "download_info": {"url": url}} for spec, url in local]}))
+    assert split_install.main([str(report), "3", str(tmp_path / "plan")]) == 0
+    written = [(tmp_path / f"plan.{i}.txt").read_text().split() for i in range(3)]
+    assert written[0] == ["big==1.0"] and sorted(written[1] + written[2]) == ["mid==1.0", "small==1.0", "tiny==1.0"]
 
 
 def test_gpu_check_runs_the_chosen_steps_and_says_when_there_is_no_gpu(tmp_path):
