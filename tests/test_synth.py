@@ -24,7 +24,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:Invalid value for VR UI")
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("synth") / "ds"
-    generate(out, N_STUDIES, SEED, SIZE, writers=1)  # a writer process, as a machine with 2 CPUs or more has
+    generate(out, N_STUDIES, SEED, SIZE, workers=1)  # a worker process, as on any machine with 2 CPUs or more
     return out
 
 
@@ -129,8 +129,8 @@ def test_deterministic_for_a_seed(data, tmp_path):
 
     assert main([str(tmp_path / "again"), "--studies", str(N_STUDIES), "--seed", str(SEED), "--size", str(SIZE)]) == 0
     assert digest(tmp_path / "again") == digest(data)
-    # Written in this process as each study renders, not by a writer process: the same bytes.
-    generate(tmp_path / "inline", N_STUDIES, SEED, SIZE, writers=0)
+    # Rendered and written in this process, not by worker processes: the same bytes.
+    generate(tmp_path / "inline", N_STUDIES, SEED, SIZE, workers=0)
     assert digest(tmp_path / "inline") == digest(data)
     generate(tmp_path / "other", N_STUDIES, SEED + 1, SIZE)
     assert (tmp_path / "other" / "stage_2_train.csv").read_bytes() != (data / "stage_2_train.csv").read_bytes()

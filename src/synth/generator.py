@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+from collections import deque
 from concurrent.futures import Future, ProcessPoolExecutor
 from contextlib import nullcontext
+from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
 
@@ -21,14 +23,13 @@ from src import paths
 from src.constants import ID_COL, LABELS, SUBTYPES, VOLUME_COL
 from src.cpus import machine_threads
 from src.errors import InputError, run_cli
-from src.synth.phantom import Anatomy, render, sample_anatomy
+from src.synth.phantom import Anatomy, sample_anatomy
+from src.synth.scan import ScanDraw, draw_scan, render_scan
 from src.synth.series import Series, dicom_dataset
 
 DEFAULT_STUDIES = 175  # ~140 train studies × ~24 slices ≈ 3,400 train images
 TEST_FRACTION = 0.2
 POSITIVE_RATE = 0.38
-MIN_BLOOD_PX = 3  # a subtype counts on a slice only with this many blood pixels; fewer are not painted
-BASE_SPACING_MM = 0.45 * 512  # field of view of a real 512 px head CT at 0.45 mm
 
 
 def _hex(rng: np.random.Generator, n: int, used: set[str]) -> str:
@@ -37,99 +38,6 @@ def _hex(rng: np.random.Generator, n: int, used: set[str]) -> str:
         if value not in used:
             used.add(value)
             return value
-
-
-def _rotation(yaw: float, pitch: float, roll: float) -> np.ndarray:
-    cz, sz, cx, sx, cy, sy = np.cos(yaw), np.sin(yaw), np.cos(pitch), np.sin(pitch), np.cos(roll), np.sin(roll)
-    rz = np.array([[cz, -sz, 0], [sz, cz, 0], [0, 0, 1]])
-    rx = np.array([[1, 0, 0], [0, cx, -sx], [0, sx, cx]])
-    ry = np.array([[cy, 0, sy], [0, 1, 0], [-sy, 0, cy]])
-    return rz @ rx @ ry
-
-
-def _gauss_blur(img: np.ndarray, sigma: float) -> np.ndarray:
-    """Gaussian blur of each slice (edges reflected, as numpy's "reflect": OpenCV's BORDER_REFLECT_101)."""
-    radius = max(1, int(np.ceil(3 * sigma)))
-    size = (2 * radius + 1, 2 * radius + 1)
-    flat = np.ascontiguousarray(img, dtype=np.float32).reshape(-1, *img.shape[-2:])
-    out = np.stack([cv2.GaussianBlur(s, size, sigmaX=sigma, sigmaY=sigma, borderType=cv2.BORDER_REFLECT_101)
-                    for s in flat])
-    return out.reshape(img.shape)
-
-
-def _streaks(rng: np.random.Generator, shape: tuple[int, int, int], centre: np.ndarray, weight: np.ndarray):
-    """Beam-hardening streaks radiating between dense skull-base bone; `weight` [n] fades them with height."""
-    _n, rows, cols = shape
-    rr, cc = np.mgrid[0:rows, 0:cols].astype(np.float32)
-    out = np.zeros(shape, dtype=np.float32)
-    # Streaks fade with distance from the petrous bones (radius ~25% of the field).
-    fade = np.exp(-0.5 * (((rr - centre[0]) ** 2 + (cc - centre[1]) ** 2) / (0.25 * rows) ** 2))
-    for _ in range(rng.integers(2, 6)):
-        angle = rng.uniform(0, np.pi)
-        amp = rng.uniform(8, 30) * (-1.0 if rng.random() < 0.65 else 1.0)  # mostly dark (Hounsfield bar)
-        width = rng.uniform(0.8, 2.0) * rows / 128
-        dist = np.abs((cc - centre[1]) * np.sin(angle) - (rr - centre[0]) * np.cos(angle))
-        out += amp * (np.exp(-0.5 * (dist / width) ** 2) * fade)[None]
-    return out * weight[:, None, None]
-
-
-def _render_series(rng: np.random.Generator, anat: Anatomy, size: int, shape_kind: str) -> dict:
-    """Geometry (tilt, position, spacing) and the rendered, blurred, noisy HU slices of one study."""
-    rows = cols = size
-    if shape_kind == "wide":
-        cols = round(size * 1.25)
-    elif shape_kind == "large":
-        rows = cols = round(size * 1.5)
-    fov = BASE_SPACING_MM * rng.uniform(0.9, 1.1)
-    ps = fov / max(rows, cols) if shape_kind == "large" else fov / size
-    spacing = float(rng.choice([4.0, 4.5, 5.0, 5.0, 5.0, 6.0, 7.0]) if rng.random() < 0.7 else rng.uniform(4, 7))
-    tilt = np.deg2rad(rng.uniform(8, 25)) if rng.random() < 0.4 else 0.0
-    row_dir = np.array([1.0, 0.0, 0.0])
-    col_dir = np.array([0.0, np.cos(tilt), -np.sin(tilt)])
-    normal = np.cross(row_dir, col_dir)
-    table = np.array([rng.uniform(-8, 8), rng.uniform(-15, 15), rng.uniform(-40, 180)])
-    head_centre = table + np.array([rng.normal(0, 6), rng.normal(0, 8), 0.0])
-    rot = _rotation(*np.deg2rad([rng.normal(0, 5), rng.normal(0, 7), rng.normal(0, 3)]))
-    c_ax = anat.axes[2]
-    t = np.arange(-rng.uniform(0.5, 0.62) * c_ax, c_ax + spacing * 0.5, spacing) + rng.uniform(0, spacing)
-    t = np.round(t, 3)
-    origin = table[None] + t[:, None] * normal[None]
-    origin = origin - (cols - 1) / 2 * ps * row_dir - (rows - 1) / 2 * ps * col_dir
-    rr, cc = np.mgrid[0:rows, 0:cols]
-    plane = cc.ravel()[:, None] * ps * row_dir + rr.ravel()[:, None] * ps * col_dir  # [P, 3]
-    pts = origin[:, None, :] + plane[None]  # [n, P, 3]
-    q = rot.T @ (pts.reshape(-1, 3) - head_centre).T
-    base, kind, blood_hu = render(anat, q.astype(np.float32))
-    n = len(t)
-    base, kind, blood_hu = (a.reshape(n, rows, cols) for a in (base, kind, blood_hu))
-    # Honest labels: a subtype is painted on a slice only where it covers MIN_BLOOD_PX pixels.
-    for s in range(len(SUBTYPES)):
-        count = (kind == s).sum(axis=(1, 2))
-        kind[(count < MIN_BLOOD_PX)[:, None, None] & (kind == s)] = -1
-    hu = np.where(kind >= 0, blood_hu, base)
-    hu = _gauss_blur(hu, rng.uniform(0.45, 0.85) * ps_ratio(ps))
-    z_local = (rot.T @ (table + np.outer(t, normal) - head_centre).T)[2]
-    low = np.clip((-z_local - 0.12 * c_ax) / (0.3 * c_ax), 0, 1)
-    centre_px = np.array([(rows - 1) / 2 + rng.normal(0, 3), (cols - 1) / 2 + rng.normal(0, 3)])
-    centre_px += (head_centre - table)[[1, 0]] / ps + np.array([anat.axes[1] * 0.25 / ps, 0])
-    hu += _streaks(rng, hu.shape, centre_px, low) * (base > -200)
-    sigma = rng.uniform(3, 12)
-    noise = _gauss_blur(rng.standard_normal(hu.shape).astype(np.float32), 0.7)
-    noise *= sigma / max(float(noise.std()), 1e-6) * (1 + 0.4 * low)[:, None, None]
-    hu = np.clip(np.rint(hu + noise), -1024, 3071).astype(np.int16)
-    return dict(
-        positions=origin,
-        orientation=np.concatenate([row_dir, col_dir]),
-        pixel_spacing=(ps, ps),
-        slice_spacing=spacing,
-        hu=hu,
-        blood=kind,
-    )
-
-
-def ps_ratio(ps: float) -> float:
-    """Blur in pixels for a kernel of fixed width in mm: finer pixels need more pixels of blur."""
-    return float(np.clip(1.8 / ps, 0.5, 3.0))
 
 
 def _plan(rng: np.random.Generator, n_studies: int) -> tuple[list[str], list[str], list[str]]:
@@ -156,37 +64,57 @@ def _plan(rng: np.random.Generator, n_studies: int) -> tuple[list[str], list[str
 
 
 def generate(out_dir: Path, n_studies: int = DEFAULT_STUDIES, seed: int = 0, size: int = 128,
-             writers: int | None = None) -> dict:
+             workers: int | None = None) -> dict:
     """Write the whole dataset into `out_dir` (built beside it, then renamed); returns summary counts.
 
-    `writers`: processes writing DICOM files while the next studies render (None: one per CPU but this one's;
-    0: none, all in this process). The files are the same whichever: one random stream draws everything here."""
+    `workers`: processes that render and write studies while this one draws the next studies' settings (None: one
+    per CPU, none on one CPU; 0: all in this process). The files are the same whichever: one random stream, here,
+    draws everything."""
     tmp = out_dir.parent / f".{out_dir.name}.partial"
     if tmp.exists():
         shutil.rmtree(tmp)
     for sub in ("stage_2_train", "stage_2_test", "masks"):
         (tmp / sub).mkdir(parents=True)
-    if writers is None:
-        writers = machine_threads() - 1
+    if workers is None:
+        workers = machine_threads() if machine_threads() > 1 else 0
     # spawn, not fork: the caller may hold threads (torch's, tqdm's monitor) whose locks a forked child inherits.
-    with ProcessPoolExecutor(writers, mp_context=get_context("spawn")) if writers > 0 else nullcontext() as pool:
-        summary = _generate(tmp, n_studies, seed, size, pool)
+    with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) if workers > 0 else nullcontext() as pool:
+        summary = _generate(tmp, n_studies, seed, size, pool, workers)
     if out_dir.exists():
         shutil.rmtree(out_dir)
     os.replace(tmp, out_dir)
     return summary
 
 
-def _generate(root: Path, n_studies: int, seed: int, size: int, pool: ProcessPoolExecutor | None) -> dict:
+@dataclass
+class StudyDraw:
+    """One study as drawn: everything random about it, so that any process can render it to the same pixels."""
+
+    series: dict  # Series fields known before rendering (ids, split, storage, ...)
+    anatomy: Anatomy
+    scan: ScanDraw
+    duplicate: tuple[int, np.ndarray, str] | None  # (slice k, re-noising [rows, cols], image id) of a second image
+
+
+def _make_series(root: Path, study: StudyDraw) -> Series:
+    """Render one drawn study; write its files unless it is a 12-bit-bug series (its intercept is drawn after
+    every study renders, and no other series reads it)."""
+    s = Series(**study.series, **render_scan(study.anatomy, study.scan))
+    if study.duplicate is not None:  # a second image at the same position, re-noised
+        k, renoise, image_id = study.duplicate
+        dup = s.hu[k].astype(np.int32) + np.rint(renoise).astype(np.int32)
+        s.hu = np.insert(s.hu, k + 1, dup.astype(np.int16), axis=0)
+        s.blood = np.insert(s.blood, k + 1, s.blood[k], axis=0)
+        s.positions = np.insert(s.positions, k + 1, s.positions[k], axis=0)
+        s.image_ids.insert(k + 1, image_id)
+    if s.storage != "bug12":
+        _write_series(root, s, 0.0)
+    return s
+
+
+def _generate(root: Path, n_studies: int, seed: int, size: int, pool: ProcessPoolExecutor | None,
+              workers: int) -> dict:
     rng = np.random.default_rng(seed)
-    written: list[Future] = []
-
-    def write(s: Series, bug_intercept: float) -> None:
-        if pool is None:
-            _write_series(root, s, bug_intercept)
-        else:
-            written.append(pool.submit(_write_series, root, s, bug_intercept))
-
     patients, split, status = _plan(rng, n_studies)
     used: set[str] = set()
     series_list: list[Series] = []
@@ -199,35 +127,37 @@ def _generate(root: Path, n_studies: int, seed: int, size: int, pool: ProcessPoo
     odd = rng.choice(n_studies, min(n_studies, max(2, n_studies // 40)), replace=False).tolist()
     odd_shapes = {study: ("wide", "large")[j % 2] for j, study in enumerate(odd[:-1])}
     dup_study = odd[-1]
-    for i in tqdm(range(n_studies), desc="synth studies", unit="study"):
+    pending: deque[Future] = deque()
+    progress = tqdm(total=n_studies, desc="synth studies", unit="study")
+    for i in range(n_studies):
         n_lesions = 0 if status[i] == "neg" else int(rng.choice([1, 1, 1, 2, 2, 3]))
         anat = sample_anatomy(rng, n_lesions)
-        geo = _render_series(rng, anat, size, odd_shapes.get(i, "square"))
-        n = len(geo["hu"])
+        scan = draw_scan(rng, anat, size, odd_shapes.get(i, "square"))
+        n = len(scan.offsets)
         p16 = 0.5 if split[i] == "train" else 0.85
         storage = "bug12" if i in bug_studies else ("int16" if rng.random() < p16 else "uint12")
-        ids = ["ID_" + _hex(rng, 9, used) for _ in range(n)]
-        s = Series(
-            patient=patients[i],
-            study="ID_" + _hex(rng, 10, used),
-            series="ID_" + _hex(rng, 10, used),
-            split=split[i],
-            image_ids=ids,
-            storage=storage,
-            window_two_valued=bool(rng.random() < 0.5),
-            extra_tags=bool(rng.random() < 0.05),
-            **geo,
-        )
-        if i == dup_study and n > 3:  # a second image at the same position, re-noised
+        fields = dict(patient=patients[i], image_ids=["ID_" + _hex(rng, 9, used) for _ in range(n)])
+        fields.update(study="ID_" + _hex(rng, 10, used), series="ID_" + _hex(rng, 10, used), split=split[i],
+                      storage=storage, window_two_valued=bool(rng.random() < 0.5),
+                      extra_tags=bool(rng.random() < 0.05))
+        duplicate = None
+        if i == dup_study and n > 3:
             k = int(rng.integers(1, n - 1))
-            dup = s.hu[k].astype(np.int32) + np.rint(rng.normal(0, 2, s.hu[k].shape)).astype(np.int32)
-            s.hu = np.insert(s.hu, k + 1, dup.astype(np.int16), axis=0)
-            s.blood = np.insert(s.blood, k + 1, s.blood[k], axis=0)
-            s.positions = np.insert(s.positions, k + 1, s.positions[k], axis=0)
-            s.image_ids.insert(k + 1, "ID_" + _hex(rng, 9, used))
-        series_list.append(s)
-        if storage != "bug12":  # its intercept is drawn after every study renders; no other series reads it
-            write(s, 0.0)
+            renoise = rng.normal(0, 2, (scan.rows, scan.cols))
+            duplicate = (k, renoise, "ID_" + _hex(rng, 9, used))
+        study = StudyDraw(fields, anat, scan, duplicate)
+        if pool is None:
+            series_list.append(_make_series(root, study))
+            progress.update()
+            continue
+        pending.append(pool.submit(_make_series, root, study))
+        while len(pending) > 2 * workers:  # a few studies in flight: each holds its noise, ~1.5 MB at 128 px
+            series_list.append(pending.popleft().result())
+            progress.update()
+    while pending:
+        series_list.append(pending.popleft().result())
+        progress.update()
+    progress.close()
     train_blocks, volumes, test_ids = [], [], []
     corrupt_candidates = [
         (s, k)
@@ -240,10 +170,7 @@ def _generate(root: Path, n_studies: int, seed: int, size: int, pool: ProcessPoo
     for s in series_list:
         bug_intercept = float(rng.integers(0, 2))
         if s.storage == "bug12":
-            write(s, bug_intercept)
-    for done in tqdm(written, desc="synth write", unit="series", initial=len(series_list) - len(written),
-                     total=len(series_list)):
-        done.result()
+            _write_series(root, s, bug_intercept)
     if corrupt is not None:  # rewritten once its series is on disk: the header reads, the pixels do not
         s, k = corrupt
         ds = _dataset(s, k, 0.0)
