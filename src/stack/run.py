@@ -105,7 +105,7 @@ def run_stack(exp: str, oof_root: Path, meta_train: pd.DataFrame, meta_test: pd.
         parallel = workers >= 2
     emb_note = "none"
     if skip_gru:
-        with ThreadPoolExecutor(workers, thread_name_prefix="stack") if parallel else nullcontext() as pool:
+        with ThreadPoolExecutor(max(1, workers), thread_name_prefix="stack") if parallel else nullcontext() as pool:
             fit_lgbm(pool)
     else:
         emb_valid = valid_embeddings(exp_dir, valid_files, parts, valid[ID_COL])
