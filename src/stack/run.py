@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from pathlib import Path
@@ -104,10 +105,8 @@ def run_stack(exp: str, oof_root: Path, meta_train: pd.DataFrame, meta_test: pd.
     if parallel is None:
         parallel = workers >= 2
     emb_note = "none"
-    if skip_gru:
-        with ThreadPoolExecutor(max(1, workers), thread_name_prefix="stack") if parallel else nullcontext() as pool:
-            fit_lgbm(pool)
-    else:
+    fit_gru: Callable[[], None] | None = None
+    if not skip_gru:
         emb_valid = valid_embeddings(exp_dir, valid_files, parts, valid[ID_COL])
         if emb_valid is not None:
             emb_note = f"{emb_valid.shape[1]}-d embeddings"
@@ -139,17 +138,18 @@ def run_stack(exp: str, oof_root: Path, meta_train: pd.DataFrame, meta_test: pd.
                 desc="gru")
             seconds["gru"] = time.perf_counter() - clock
 
-        if parallel:
-            # Each fit keeps its cores busy from C (LightGBM's rounds, torch's kernels; both let go of the GIL
-            # there). The GRU's splits stay in turn (torch's one global random stream); LightGBM's splits, each
-            # seeded by its own parameters, fill the other workers and then the GRU's: the same models as in turn.
-            with ThreadPoolExecutor(max(2, workers), thread_name_prefix="stack") as pool:
-                gru_done = pool.submit(fit_gru)
-                fit_lgbm(pool)
-                gru_done.result()
-        else:
-            fit_lgbm()
+    # Each fit keeps its cores busy from C (LightGBM's rounds, torch's kernels; both let go of the GIL there). The
+    # GRU's splits stay in turn (torch's one global random stream); LightGBM's splits, each seeded by its own
+    # parameters, fill the other workers and then the GRU's: the same models as in turn.
+    pool = ThreadPoolExecutor(max(2, workers), thread_name_prefix="stack") if parallel else None
+    with pool or nullcontext():
+        gru_done = pool.submit(fit_gru) if pool is not None and fit_gru is not None else None
+        fit_lgbm(pool)
+        if gru_done is not None:
+            gru_done.result()
+        elif fit_gru is not None:
             fit_gru()
+    if not skip_gru:
         results = {"lgbm": results["lgbm"], "gru": results["gru"]}  # in this order whichever finished first
         # Blend = plain mean: choosing weights on the same OOF it is scored on would leak a little.
         blend_test = None if results["lgbm"].test is None else (results["lgbm"].test + results["gru"].test) / 2

@@ -76,7 +76,8 @@ def generate(out_dir: Path, n_studies: int = DEFAULT_STUDIES, seed: int = 0, siz
     for sub in ("stage_2_train", "stage_2_test", "masks"):
         (tmp / sub).mkdir(parents=True)
     if workers is None:
-        workers = machine_threads() if machine_threads() > 1 else 0
+        cpus = machine_threads()
+        workers = cpus if cpus > 1 else 0
     # spawn, not fork: the caller may hold threads (torch's, tqdm's monitor) whose locks a forked child inherits.
     with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) if workers > 0 else nullcontext() as pool:
         summary = _generate(tmp, n_studies, seed, size, pool, workers)
@@ -129,6 +130,11 @@ def _generate(root: Path, n_studies: int, seed: int, size: int, pool: ProcessPoo
     dup_study = odd[-1]
     pending: deque[Future] = deque()
     progress = tqdm(total=n_studies, desc="synth studies", unit="study")
+
+    def finished(s: Series) -> None:
+        series_list.append(s)
+        progress.update()
+
     for i in range(n_studies):
         n_lesions = 0 if status[i] == "neg" else int(rng.choice([1, 1, 1, 2, 2, 3]))
         anat = sample_anatomy(rng, n_lesions)
@@ -147,16 +153,13 @@ def _generate(root: Path, n_studies: int, seed: int, size: int, pool: ProcessPoo
             duplicate = (k, renoise, "ID_" + _hex(rng, 9, used))
         study = StudyDraw(fields, anat, scan, duplicate)
         if pool is None:
-            series_list.append(_make_series(root, study))
-            progress.update()
+            finished(_make_series(root, study))
             continue
         pending.append(pool.submit(_make_series, root, study))
         while len(pending) > 2 * workers:  # a few studies in flight: each holds its noise, ~1.5 MB at 128 px
-            series_list.append(pending.popleft().result())
-            progress.update()
+            finished(pending.popleft().result())
     while pending:
-        series_list.append(pending.popleft().result())
-        progress.update()
+        finished(pending.popleft().result())
     progress.close()
     train_blocks, volumes, test_ids = [], [], []
     corrupt_candidates = [
@@ -173,9 +176,10 @@ def _generate(root: Path, n_studies: int, seed: int, size: int, pool: ProcessPoo
             _write_series(root, s, bug_intercept)
     if corrupt is not None:  # rewritten once its series is on disk: the header reads, the pixels do not
         s, k = corrupt
-        ds = _dataset(s, k, 0.0)
-        ds.PixelData = ds.PixelData[: len(ds.PixelData) // 3 // 2 * 2]
-        _save(ds, root / f"stage_2_{s.split}" / f"{s.image_ids[k]}.dcm")
+        with pydicom.config.disable_value_validation():
+            ds = dicom_dataset(s, k, 0.0)
+            ds.PixelData = ds.PixelData[: len(ds.PixelData) // 3 // 2 * 2]
+            ds.save_as(root / f"stage_2_{s.split}" / f"{s.image_ids[k]}.dcm", enforce_file_format=True)
     for s in series_list:
         for k, image_id in enumerate(s.image_ids):
             if s.split == "test":
@@ -208,24 +212,16 @@ def _generate(root: Path, n_studies: int, seed: int, size: int, pool: ProcessPoo
     }
 
 
-def _dataset(s: Series, k: int, bug_intercept: float) -> pydicom.Dataset:
-    # RSNA UIDs (`ID_<hex>`) are invalid for VR UI, as in the real files: skip validation while building.
-    with pydicom.config.disable_value_validation():
-        return dicom_dataset(s, k, bug_intercept)
-
-
-def _save(ds: pydicom.Dataset, path: Path) -> None:
-    with pydicom.config.disable_value_validation():
-        ds.save_as(path, enforce_file_format=True)
-
-
 def _write_series(root: Path, s: Series, bug_intercept: float) -> None:
     """One series' DICOM files and, for train slices with blood, its mask PNGs."""
-    for k, image_id in enumerate(s.image_ids):
-        _save(_dataset(s, k, bug_intercept), root / f"stage_2_{s.split}" / f"{image_id}.dcm")
-        mask = (s.blood[k] >= 0).astype(np.uint8) * 255
-        if s.split == "train" and mask.any():
-            cv2.imwrite(str(root / "masks" / f"{image_id}.png"), mask)
+    # RSNA UIDs (`ID_<hex>`) are invalid for VR UI, as in the real files: skip validation while writing.
+    with pydicom.config.disable_value_validation():
+        for k, image_id in enumerate(s.image_ids):
+            dicom_dataset(s, k, bug_intercept).save_as(root / f"stage_2_{s.split}" / f"{image_id}.dcm",
+                                                       enforce_file_format=True)
+            mask = (s.blood[k] >= 0).astype(np.uint8) * 255
+            if s.split == "train" and mask.any():
+                cv2.imwrite(str(root / "masks" / f"{image_id}.png"), mask)
 
 
 def main(argv: list[str] | None = None) -> int:
