@@ -33,6 +33,11 @@ def test_cpu_mode_says_it_measured_the_cpu(tiny_data, monkeypatch):
     assert result["device"] == "cpu" and result["backbone"] == "resnet10t"
     assert result["loader_images_per_s"] > 0 and result["train_images_per_s"] > 0
     assert result["loader_to_train_ratio"] == result["loader_images_per_s"] / result["train_images_per_s"]
+    # Both memory formats are timed; the headline rate is the one training runs in.
+    deployed = "channels_last" if result["training_channels_last"] else "contiguous"
+    assert result["train_images_per_s"] == result[f"train_images_per_s_{deployed}"]
+    assert result["channels_last_speedup"] == pytest.approx(
+        result["train_images_per_s_channels_last"] / result["train_images_per_s_contiguous"])
     assert (WORK / "bench" / "train_throughput.md").read_text().startswith("CPU mode (no CUDA device found")
 
 
