@@ -92,10 +92,11 @@ def model_rate(cfg: Config, rt: Runtime, batch: int, batches: int) -> float:
 
 
 @torch.inference_mode()
-def inference_ms(ds, cfg: Config, batches: int) -> float:
+def inference_ms(ds, cfg: Config, batches: int, channels_last: bool) -> float:
     model = build_model(cfg).eval()
+    model = model.to(memory_format=torch.channels_last) if channels_last else model
     batch = next(iter(loader_for(ds, cfg, cfg.batch_size, workers=0)))
-    x, voxel = to_input(batch["image"], torch.device("cpu"), False), batch["voxel_mm3"]
+    x, voxel = to_input(batch["image"], torch.device("cpu"), channels_last), batch["voxel_mm3"]
     model(x, voxel)
     t0 = time.perf_counter()
     for _ in range(batches):
@@ -160,7 +161,7 @@ def cpu_result(ds, cfg: Config, batches: int) -> tuple[dict, str]:
         rates[channels_last] = max(rates[channels_last], model_rate(timed_cfg, rt, cfg.batch_size, steps))
     deployed = Runtime.create(cfg, 0, 1, torch.device("cpu")).channels_last
     train = rates[deployed]
-    infer = inference_ms(ds, cfg, max(3, batches // 4))
+    infer = inference_ms(ds, cfg, max(3, batches // 4), deployed)
     result = {"loader_images_per_s": loader, "train_images_per_s": train, "loader_to_train_ratio": loader / train,
               "train_images_per_s_contiguous": rates[False], "train_images_per_s_channels_last": rates[True],
               "channels_last_speedup": rates[True] / rates[False], "training_channels_last": deployed,
