@@ -120,7 +120,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", help="data directory (default: $ICH_DATA, input/, input/synthetic/)")
     parser.add_argument("--size", type=int, default=128, help="cache size in px (default 128)")
     args = parser.parse_args(argv)
-    volumes = {Path(p).name: read_volumes(p) for p in args.pred}
+    names = [Path(p).resolve().name for p in args.pred]
+    if len(set(names)) < len(names):
+        raise InputError(f"--pred {' '.join(args.pred)}: two folders share a name; the columns are named by it")
+    volumes = {name: read_volumes(p) for name, p in zip(names, args.pred)}
     data_dir = resolve_data_dir(args.data)
     meta, images, masks = load_cache(data_dir, args.size, "train")
     if masks is None or not (meta["mask_row"] >= 0).any():

@@ -72,3 +72,10 @@ def test_split_errors_by_size_and_contrast():
 def test_a_folder_without_study_volumes_is_a_clear_error(tmp_path):
     with pytest.raises(InputError, match=r"study_volumes\.csv: not found"):
         bleed_visibility.read_volumes(str(tmp_path))
+
+
+def test_two_folders_of_one_name_are_a_clear_error(tmp_path):
+    for parent in ("a", "b"):
+        (tmp_path / parent / "exp").mkdir(parents=True)
+    with pytest.raises(InputError, match="share a name"):
+        bleed_visibility.main(["--pred", str(tmp_path / "a" / "exp"), str(tmp_path / "b" / "exp")])
