@@ -78,25 +78,27 @@ def study_visibility(meta: pd.DataFrame, images, masks, channel: int, low: float
 def split_errors(vis: pd.DataFrame, volumes: dict[str, pd.DataFrame]) -> tuple[pd.DataFrame, list[dict]]:
     """Per-study table (visibility + each experiment's error) and the summary rows by size half x contrast half."""
     table = vis.copy()
+    truth = next(iter(volumes.values())).set_index(STUDY)["true_volume_ml"]  # the data's, the same in every file
+    table["true_ml"] = table[STUDY].map(truth)
     for name, vol in volumes.items():
         cols = vol.set_index(STUDY)
-        table["true_ml"] = table[STUDY].map(cols["true_volume_ml"])
         table[f"{name}_abs_pct_error"] = table[STUDY].map(cols["abs_pct_error"])
         table[f"{name}_pred_over_true"] = table[STUDY].map(cols["pred_volume_ml"] / cols["true_volume_ml"])
     table = table.dropna(subset=["true_ml"]).reset_index(drop=True)
     small = table["true_ml"] < table["true_ml"].median()
     low = table["contrast_hu"] < table["contrast_hu"].median()
+    every = pd.Series(True, index=table.index)
     summary = []
-    for size_name, size_rows in (("small half", small), ("large half", ~small), ("all", small | ~small)):
-        for contrast_name, contrast_rows in (("low contrast", low), ("high contrast", ~low), ("any contrast", None)):
-            rows = size_rows & (contrast_rows if contrast_rows is not None else True)
+    for size_name, size_rows in (("small half", small), ("large half", ~small), ("all", every)):
+        for contrast_name, contrast_rows in (("low contrast", low), ("high contrast", ~low), ("any contrast", every)):
+            rows = size_rows & contrast_rows
             part = table[rows]
             entry = {"studies": f"{size_name}, {contrast_name}", "n": len(part),
                      "median true mL": part["true_ml"].median(), "median contrast HU": part["contrast_hu"].median(),
                      "median CNR": part["cnr"].median()}
             for name in volumes:
                 entry[f"{name} MdAPE %"] = part[f"{name}_abs_pct_error"].median()
-                if contrast_rows is None and len(part) > 2:
+                if contrast_rows is every and len(part) > 2:
                     entry[f"{name} Spearman(contrast, error)"] = spearmanr(part["contrast_hu"],
                                                                            part[f"{name}_abs_pct_error"])[0]
             summary.append(entry)
