@@ -81,7 +81,8 @@ SELECT_EPOCH = ("last", "valid")
 # reads: a checkpoint is not refused over them (a classifier trained before a BloodNet default changed still resumes).
 SEGMENTATION_ONLY_KEYS: frozenset[str] = frozenset({
     "seg_epochs", "head_epochs", "joint_epochs", "joint_lambda", "masks", "seg_loss", "weak_pool_r", "weak_refine",
-    "seg_balance", "seg_hard_negatives", "seg_full_res", "decoder_width", "hu_prior", "volume_feature_grad"})
+    "seg_balance", "seg_hard_negatives", "seg_study_balance", "seg_full_res", "decoder_width", "hu_prior",
+    "volume_feature_grad"})
 
 # What runs saved before a key existed trained with, for keys whose default changed since: a record or checkpoint
 # lacking one must not read as today's default (name hash, leaderboard, resume). Add a key when its default changes.
@@ -159,6 +160,9 @@ class Config:
     # seg_balance's negatives: 0 = uniform; h in (0, 1] = drawn with weight (1 - h)/n + h x (share of the slice's
     # hyperdense pixels, constants.HYPERDENSE_HU): the falx, sinuses, vessels and skull edges the map mistakes for blood
     seg_hard_negatives: float = 0.5
+    # seg_balance's positives: 0 = every one once; b in (0, 1] = as many drawn with weight (1 - b)/n + b x an equal
+    # share per study, so a small bleed's few slices are trained as often as a large one's many (sampling.py)
+    seg_study_balance: float = 0.0
     # training engine (GPU-ready loop): EMA, accumulation, seeds, compile, logging
     ema: bool = False  # validate, keep and predict with timm's ModelEmaV3 average of the weights
     ema_decay: float = 0.999  # reached after timm's warmup (decay grows from 0 with the optimizer step)
@@ -273,6 +277,8 @@ def load_config(path: str | None = None, sets: list[str] | None = None) -> Confi
                          "optimism, or early_stopping=0")
     if not 0.0 <= cfg.seg_hard_negatives <= 1.0:
         raise InputError(f"config key seg_hard_negatives: {cfg.seg_hard_negatives} is not between 0 and 1")
+    if not 0.0 <= cfg.seg_study_balance <= 1.0:
+        raise InputError(f"config key seg_study_balance: {cfg.seg_study_balance} is not between 0 and 1")
     if not 0 < cfg.decoder_width <= 4:
         raise InputError(f"config key decoder_width: {cfg.decoder_width} is not in (0, 4]")
     return cfg

@@ -165,3 +165,36 @@ def test_seg_hard_negatives_draws_the_mimic_slices_more_often_and_zero_keeps_the
     assert all(np.array_equal(plain(e), balanced_subset(positive, negative, 0, e)) for e in range(5))
     with pytest.raises(Exception, match="seg_hard_negatives"):
         load_config(None, ["seg_hard_negatives=1.5"])
+
+
+def test_study_balanced_weights_go_from_uniform_over_slices_to_an_equal_share_per_study():
+    from src.cnn.sampling import study_balanced_weights
+
+    study = np.array(["big"] * 4 + ["small"])
+    assert study_balanced_weights(study, 0.0) == pytest.approx([0.2] * 5)
+    equal = study_balanced_weights(study, 1.0)
+    assert equal[:4].sum() == pytest.approx(0.5) and equal[4] == pytest.approx(0.5)
+    half = study_balanced_weights(study, 0.5)
+    assert half.sum() == pytest.approx(1.0) and half[0] < 0.2 < half[4] < 0.5
+
+
+def test_seg_study_balance_trains_a_small_bleeds_slices_as_often_as_a_large_ones_and_keeps_the_negatives():
+    import pandas as pd
+
+    state = [1] * 6 + [0] * 12  # a 5-slice bleed (study A), a 1-slice bleed (study B), twelve empty slices
+    ds = States(state)
+    ds.meta = pd.DataFrame({"StudyInstanceUID": ["A"] * 5 + ["B"] + ["C"] * 12})
+    cfg = load_config(None, ["arch=bloodnet", "seg_epochs=200", "masks=full", "seg_hard_negatives=0",
+                             "seg_study_balance=1"])
+    balanced = segment_subset(ds, cfg, phases_for(cfg), seed=0)
+    draws = [balanced(e) for e in range(200)]
+    small = sum(int((d == 5).sum()) for d in draws)
+    large = sum(int((d < 5).sum()) for d in draws)
+    assert all(len(d) == 12 for d in draws)  # as many positives as before, as many negatives
+    assert 0.8 < small / large < 1.25  # uniform over slices would give 1/5
+    cfg.seg_study_balance = 0.0
+    plain = segment_subset(ds, cfg, phases_for(cfg), seed=0)
+    assert all(np.array_equal(d[d >= 6], plain(e)[plain(e) >= 6]) for e, d in enumerate(draws))  # same negatives
+    assert all(set(range(6)) <= set(plain(e)) for e in range(5))  # 0: every positive once, as before
+    with pytest.raises(Exception, match="seg_study_balance"):
+        load_config(None, ["seg_study_balance=-0.1"])

@@ -23,7 +23,14 @@ from src.cnn.history import write_epochs
 from src.cnn.loop import make_optimizer, train_one_epoch, validate
 from src.cnn.pseudo_masks import PSEUDO_MASKS_FILE, apply_pseudo_masks, compute_pseudo_masks
 from src.cnn.runtime import Runtime, make_ema, wrap_model
-from src.cnn.sampling import EpochSampler, SeededItems, balanced_subset, hard_negative_weights, seed_epoch
+from src.cnn.sampling import (
+    EpochSampler,
+    SeededItems,
+    balanced_subset,
+    hard_negative_weights,
+    seed_epoch,
+    study_balanced_weights,
+)
 from src.cnn.schedule import Phase, phase_at
 from src.config import Config
 from src.data.windows import hyperdense_share
@@ -100,7 +107,16 @@ def segment_subset(train_ds, cfg: Config, phases: list[Phase], seed: int) -> Cal
         print(f"[train] seg_hard_negatives={cfg.seg_hard_negatives:g}: {len(negative)} negatives scored by their "
               f"hyperdense pixels (median {np.median(share):.2%}, max {share.max():.2%}) in "
               f"{time.perf_counter() - started:.1f} s", flush=True)
-    return lambda epoch: balanced_subset(positive, negative, seed, epoch, weight) if epoch in segment_epochs else None
+    positive_weight = None
+    if cfg.seg_study_balance > 0:
+        study = train_ds.meta["StudyInstanceUID"].to_numpy()[positive]
+        positive_weight = study_balanced_weights(study, cfg.seg_study_balance)
+        _, per_study = np.unique(study, return_counts=True)
+        print(f"[train] seg_study_balance={cfg.seg_study_balance:g}: {len(positive)} positives over {len(per_study)} "
+              f"studies ({per_study.min()}-{per_study.max()} a study, median {np.median(per_study):g}) drawn towards "
+              "an equal share per study", flush=True)
+    return lambda epoch: (balanced_subset(positive, negative, seed, epoch, weight, positive_weight)
+                          if epoch in segment_epochs else None)
 
 
 def refine_epoch(cfg: Config, phases: list[Phase]) -> int | None:

@@ -65,16 +65,21 @@ class EpochSampler(Sampler):
 
 
 def balanced_subset(positive: np.ndarray, negative: np.ndarray, seed: int, epoch: int,
-                    negative_weight: np.ndarray | None = None) -> np.ndarray:
+                    negative_weight: np.ndarray | None = None, positive_weight: np.ndarray | None = None) -> np.ndarray:
     """Every positive index and as many negatives, the negatives drawn afresh from (seed, epoch); sorted.
 
     Blood is on ~1 slice in 5 of the embedded set and ~1 in 7 of RSNA's, and on well under 1% of a positive
     slice's pixels: a segmentation epoch over all slices spends most of its steps on empty ones. Half-positive
     epochs give the decoder the same number of bleeds at about 2/5 of the cost (a seed-fixed draw, so resumable).
-    `negative_weight` (one per negative, summing to 1) skews the draw towards hard negatives."""
+    `negative_weight` (one per negative, summing to 1) skews the draw towards hard negatives. `positive_weight`
+    replaces "every positive once" by as many positives drawn with replacement by those weights (a slice drawn twice
+    sees the same augmentation twice: its loss counts double). The negatives are drawn first, so they do not change."""
     rng = np.random.default_rng(mixed_seed(seed, epoch, 0x5E6))
     take = min(len(negative), len(positive))
-    return np.sort(np.concatenate([positive, rng.choice(negative, size=take, replace=False, p=negative_weight)]))
+    negatives = rng.choice(negative, size=take, replace=False, p=negative_weight)
+    if positive_weight is not None:
+        positive = rng.choice(positive, size=len(positive), replace=True, p=positive_weight)
+    return np.sort(np.concatenate([positive, negatives]))
 
 
 def hard_negative_weights(hyperdense: np.ndarray, hardness: float) -> np.ndarray:
@@ -83,6 +88,19 @@ def hard_negative_weights(hyperdense: np.ndarray, hardness: float) -> np.ndarray
     A floor of 1e-9 keeps every negative drawable, so a draw without replacement never runs out of candidates."""
     share = hyperdense / hyperdense.sum() if hyperdense.sum() > 0 else np.full(len(hyperdense), 1.0 / len(hyperdense))
     weight = (1.0 - hardness) / len(hyperdense) + hardness * share + 1e-9
+    return weight / weight.sum()
+
+
+def study_balanced_weights(study: np.ndarray, balance: float) -> np.ndarray:
+    """Draw weights (1 - b)/n + b / (studies x the slice's study's positives): b = 0 is uniform over slices, b = 1
+    gives every study the same share of the draws however many slices its blood spans.
+
+    The volume error is scored per study, each study once, but a uniform draw trains each study in proportion to its
+    positive slices: a 60 mL bleed over 15 slices is seen ~5x as often as a 5 mL one over 3, and the small bleeds are
+    the ones the map misses (README, BloodNet section)."""
+    _, inverse, counts = np.unique(np.asarray(study), return_inverse=True, return_counts=True)
+    per_study = 1.0 / (len(counts) * counts[inverse])
+    weight = (1.0 - balance) / len(inverse) + balance * per_study
     return weight / weight.sum()
 
 
