@@ -110,6 +110,8 @@ RECIPES: tuple[Recipe, ...] = (
            "the minutes): does the map find the small bleeds it misses at 96 px?", (*WIDE, "image_size=128")),
     Recipe("study-balance", "the default with the segment epochs' positives drawn towards an equal share per "
            "study: the small bleeds' few slices trained as often as the large ones' many", ("seg_study_balance=1",)),
+    Recipe("joint7", "the default with a 7th joint epoch (~40-65 s of the chain's margin under 15 min)",
+           ("joint_epochs=7",)),
     Recipe("fullres", "the default with one more decoder block at the input's size, reading the image",
            (*BEFORE, "seg_full_res=true")),
     Recipe("classifier-96px", "plain timm classifier at the default's size and context, 8 epochs (BloodNet's 3 "
