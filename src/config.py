@@ -101,6 +101,9 @@ def unused_keys(arch: str) -> frozenset[str]:
 class Config:
     exp: str = ""  # experiment name; empty = derived (see exp_name)
     data_dir: str = ""  # empty = --data / $ICH_DATA / input/ / input/synthetic/ (see src/paths.py)
+    # more folders in Kaggle layout whose train images join every fold's training part, never a validation fold or the
+    # OOF (src/data/extra.py): e.g. a set with painted masks beside the real RSNA data, which has none
+    extra_train: tuple[str, ...] = ()
     image_size: int = 96  # 96 px with 3 + 1 + 6 epochs beat 128 px with 4 + 1 + 3 at the same 2-core budget
     cache_format: str = "memmap"  # memmap | zstd (per-slice compressed, ~5x smaller on disk, decoded by the loader)
     n_folds: int = 5
@@ -219,8 +222,9 @@ def coerce(value: Any, current: Any, key: str) -> Any:
         return bool(value)
     try:
         if isinstance(current, tuple):
-            items = value.split(",") if isinstance(value, str) else list(value)
-            return tuple(type(current[0])(v) for v in items)
+            items = [v.strip() for v in value.split(",")] if isinstance(value, str) else list(value)
+            kind = type(current[0]) if current else str  # an empty default (extra_train) holds strings
+            return tuple(kind(v) for v in items if v != "")
         return type(current)(value)
     except (TypeError, ValueError) as err:
         raise InputError(f"config key {key}: cannot read {value!r} as {type(current).__name__}") from err
@@ -263,6 +267,8 @@ def load_config(path: str | None = None, sets: list[str] | None = None) -> Confi
         if not sep:
             raise InputError(f"--set {item!r}: expected key=value")
         _apply(cfg, {key.strip(): value.strip()}, "--set")
+    # Absolute, so that every stage (run_fold.sh asks src.config for the experiment name) hashes the same spelling.
+    cfg.extra_train = tuple(str(Path(p).expanduser().resolve()) for p in cfg.extra_train)
     if cfg.arch not in ("classifier", "multitask", "bloodnet"):
         raise InputError(f"config key arch: {cfg.arch!r} is not one of classifier, multitask, bloodnet")
     if cfg.cache_format not in CACHE_FORMATS:

@@ -32,7 +32,7 @@ def _changed(value):
     if isinstance(value, (int, float)):
         return value * 2 + 1
     if isinstance(value, tuple):
-        return tuple(v * 2 + 1 for v in value)
+        return tuple(v * 2 + 1 for v in value) if value else ("other",)  # an empty default (extra_train) gains one
     return f"{value}-other"
 
 

@@ -123,8 +123,9 @@ def config_from_dict(values: dict) -> Config:
     dropped = sorted(set(values) - set(kwargs) - {f.name for f in dataclasses.fields(Config)}) + dropped
     if dropped:
         print(f"note: checkpoint config keys not in this version, ignored: {', '.join(dropped)}", file=sys.stderr)
-    if "class_weights" in kwargs:
-        kwargs["class_weights"] = tuple(kwargs["class_weights"])
+    for f in dataclasses.fields(Config):  # JSON and torch.save hand tuples (class_weights, extra_train) back as lists
+        if isinstance(kwargs.get(f.name), list):
+            kwargs[f.name] = tuple(kwargs[f.name])
     return Config(**kwargs)
 
 

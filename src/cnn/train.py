@@ -32,6 +32,7 @@ from src.config import Config, load_config
 from src.constants import FOLD_COL, ID_COL
 from src.data.cache import load_cache
 from src.data.dataset import SliceDataset, build_augment, resolve_mask_mode
+from src.data.extra import check_extra_dirs, join_extra_training
 from src.data.folds import fold_split, guard_model_split, load_folds
 from src.errors import InputError, run_cli
 from src.paths import WORK, resolve_data_dir
@@ -60,8 +61,15 @@ def prepare_data(cfg: Config, data_dir: Path, fold: int, rt: Runtime):
     if rt.rank == 0:  # build caches and folds once, before the other ranks read them
         load_cache(data_dir, cfg.image_size, "test", fmt=cfg.cache_format)
         split_fold(cfg, data_dir, fold)
+        for folder in cfg.extra_train:
+            load_cache(folder, cfg.image_size, "train", fmt=cfg.cache_format)
     barrier(rt.world)
     train_meta, valid_meta, images, masks = split_fold(cfg, data_dir, fold)
+    # Extra folders join the training part only; the validation set keeps reading the main cache, whose rows come
+    # first in the stacked one, so its cache rows need no shift.
+    train_meta, images, masks = join_extra_training(
+        train_meta, pd.concat([train_meta, valid_meta]), images, masks, cfg.extra_train, data_dir, cfg.image_size,
+        cfg.cache_format, verbose=rt.rank == 0)
     train_masks = masks
     if cfg.arch != "classifier":
         cfg.masks = resolve_mask_mode(cfg.masks, masks, train_meta["mask_row"].to_numpy(), str(data_dir))
@@ -212,6 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     if not data_dir.exists():
         raise InputError(f"{data_dir}: data directory not found (set --data or ICH_DATA)")
     cfg.data_dir = str(data_dir)
+    check_extra_dirs(cfg.extra_train, data_dir)  # each one readable and not the main data, before any work
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ.get("WORLD_SIZE", "1"))))
     run_fold(cfg, args.fold, data_dir)
     return 0

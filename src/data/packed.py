@@ -83,6 +83,31 @@ def seal(folder: Path, shape: tuple[int, ...]) -> None:
                folder / "store.json")
 
 
+def one_row(key: int, n: int) -> int:
+    """A row number as numpy reads it (negative from the end), checked against n rows."""
+    i = int(key) + (n if key < 0 else 0)
+    if not 0 <= i < n:
+        raise IndexError(f"row {key} out of range for {n} rows")
+    return i
+
+
+def row_index(key, n: int) -> np.ndarray:
+    """The rows a slice, a list or array of rows, or a boolean mask picks out of n, as numpy would pick them."""
+    if isinstance(key, slice):
+        return np.arange(*key.indices(n))
+    key = np.asarray(key)
+    index = np.flatnonzero(key) if key.dtype == bool else key.astype(np.int64, copy=False).ravel()
+    if len(index) and not (-n <= index.min() and index.max() < n):
+        raise IndexError(f"rows {key} out of range for {n} rows")
+    return np.where(index < 0, index + n, index)
+
+
+def within_rows(store, key: tuple) -> np.ndarray:
+    """store[rows, ...]: read the rows, then index within each, as numpy would."""
+    picked = store[key[0]]
+    return picked[key[1:] if isinstance(key[0], (int, np.integer)) else (slice(None), *key[1:])]
+
+
 class PackedRows:
     """A sealed store read like the memmap it replaces: shape, dtype, len, and [i], [array of i], [a:b] give uint8
     arrays equal bit for bit to what the memmap would hold."""
@@ -129,23 +154,12 @@ class PackedRows:
 
     def __getitem__(self, key) -> np.ndarray:
         if isinstance(key, tuple):  # images[rows, window]: decode the rows, then index within each, as numpy would
-            picked = self[key[0]]
-            return picked[key[1:] if isinstance(key[0], (int, np.integer)) else (slice(None), *key[1:])]
+            return within_rows(self, key)
         if isinstance(key, (int, np.integer)):
-            i = int(key) + (self.shape[0] if key < 0 else 0)
-            if not 0 <= i < self.shape[0]:
-                raise IndexError(f"row {key} out of range for {self.shape[0]} rows")
             out = np.empty(self.shape[1:], dtype=np.uint8)
-            self._row(i, out)
+            self._row(one_row(key, self.shape[0]), out)
             return out
-        if isinstance(key, slice):
-            index = range(*key.indices(self.shape[0]))
-        else:  # lists and arrays of rows (a boolean mask picks rows as numpy would)
-            key = np.asarray(key)
-            index = np.flatnonzero(key) if key.dtype == bool else key.astype(np.int64, copy=False).ravel()
-            if len(index) and not (-self.shape[0] <= index.min() and index.max() < self.shape[0]):
-                raise IndexError(f"rows {key} out of range for {self.shape[0]} rows")
-            index = np.where(index < 0, index + self.shape[0], index)
+        index = row_index(key, self.shape[0])
         out = np.empty((len(index), *self.shape[1:]), dtype=np.uint8)
         for j, i in enumerate(index):
             self._row(int(i), out[j])
