@@ -144,3 +144,12 @@ def test_extra_rows_never_reach_the_oof_or_the_test_predictions(tiny_data, extra
     assert set(pd.read_csv(out_dir / "fold0_valid.csv")[ID_COL]) == set(
         folds.loc[folds[FOLD_COL] == 0, ID_COL]) & set(main[ID_COL])
     assert set(pd.read_csv(out_dir / "fold0_test.csv")[ID_COL]) == set(test[ID_COL])
+
+
+def test_a_finished_run_is_not_reused_for_a_copy_of_its_data_without_masks(tiny_data, bare_main):
+    """The experiment name leaves the data folder out, so the model folder's record of the data must refuse."""
+    sets = ["image_size=64", "batch_size=16", "num_workers=0", "tta_flip=false", "limit_train_batches=1",
+            "seg_epochs=0", "head_epochs=0", "joint_epochs=1", "exp=t_copy"]
+    run_fold(load_config(None, sets), 0, tiny_data)
+    with pytest.raises(InputError, match="trained on other data"):
+        run_fold(load_config(None, sets), 0, bare_main)

@@ -107,6 +107,22 @@ def test_fold_split_digest_and_model_guard(dataset, tmp_path):  # noqa: F811
         guard_model_split(model_dir, {**split, "sha1": fold_assignment_digest(swapped)})
 
 
+
+def test_model_guard_refuses_other_data_with_the_same_images_and_folds(tmp_path):
+    """A copy of the data without its masks (or a changed extra_train folder) has the same fold split: the data's
+    identity tells them apart. A marker from before the identity was recorded is adopted and gains it."""
+    split = {"file": "folds.csv", "sha1": "abc"}
+    old_dir, new_dir = tmp_path / "old", tmp_path / "new"
+    guard_model_split(old_dir, split)  # written without an identity, as before
+    guard_model_split(old_dir, {**split, "data": "with-masks"})  # adopted, and now recorded
+    assert json.loads((old_dir / "folds.json").read_text())["data"] == "with-masks"
+    guard_model_split(new_dir, {**split, "data": "with-masks"})
+    guard_model_split(new_dir, {**split, "data": "with-masks"})
+    for model_dir in (old_dir, new_dir):
+        with pytest.raises(InputError, match="trained on other data with the same images and folds"):
+            guard_model_split(model_dir, {**split, "data": "without-masks"})
+
+
 def _write_fold(pred_dir: Path, fold: int, split: dict | None, ids: list[str], value: float, kind: str) -> None:
     frame = pd.DataFrame({ID_COL: ids, FOLD_COL: fold, **{c: value for c in LABELS}})
     frame.to_csv(pred_dir / f"fold{fold}_{kind}.csv", index=False)

@@ -32,7 +32,7 @@ from src.config import Config, load_config
 from src.constants import FOLD_COL, ID_COL
 from src.data.cache import load_cache
 from src.data.dataset import SliceDataset, build_augment, resolve_mask_mode
-from src.data.extra import check_extra_dirs, join_extra_training
+from src.data.extra import check_extra_dirs, join_extra_training, training_data_identity
 from src.data.folds import fold_split, guard_model_split, load_folds
 from src.errors import InputError, run_cli
 from src.paths import WORK, resolve_data_dir
@@ -155,7 +155,8 @@ def run_fold(cfg: Config, fold: int, data_dir: Path) -> Path:
         print(f"[train] exp={exp} {tag} data={data_dir} device={device} world={world}")
 
     train_meta, images, train_ds, valid_ds = prepare_data(cfg, data_dir, fold, rt)
-    split = fold_split(data_dir, cfg.n_folds, cfg.fold_seed)
+    split = {**fold_split(data_dir, cfg.n_folds, cfg.fold_seed),
+             "data": training_data_identity(data_dir, cfg.extra_train)}
     guard_model_split(model_dir, split, write=rank == 0)  # before resuming: last.pt may predate a new split
     has_valid = valid_ds is not None
     phases = phases_for(cfg)

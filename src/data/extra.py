@@ -9,6 +9,7 @@ its rows are appended after the main ones, with their cache and mask rows shifte
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -76,6 +77,12 @@ def check_extra_dirs(extra: tuple[str, ...] | list[str], data_dir: Path) -> tupl
                              + ("the main data itself" if str(folder) not in resolved else "listed twice"))
         resolved.append(str(folder))
     return tuple(resolved)
+
+
+def training_data_identity(data_dir: Path, extra_dirs: tuple[str, ...]) -> str:
+    """sha1 of every dataset a fold trains on (paths.data_identity: labels, image and mask names), main one first."""
+    digests = [paths.data_identity(Path(d)) for d in (data_dir, *extra_dirs)]
+    return hashlib.sha1("\n".join(digests).encode()).hexdigest()
 
 
 def _check_disjoint(main: pd.DataFrame, extra: pd.DataFrame, folder: Path, seen: set[str]) -> None:

@@ -79,13 +79,21 @@ def guard_model_split(model_dir: Path, split: dict, write: bool = True) -> None:
     marker = Path(model_dir) / SPLIT_MARKER
     if marker.exists():
         try:
-            then = json.loads(marker.read_text()).get("sha1")
+            then = json.loads(marker.read_text())
         except (OSError, json.JSONDecodeError) as err:
             raise InputError(f"{marker}: unreadable ({err}); delete it to adopt the current folds") from err
-        if then != split["sha1"]:
-            raise InputError(f"{model_dir}: trained on fold split {str(then)[:10]}, but {split['file']} is "
+        if then.get("sha1") != split["sha1"]:
+            raise InputError(f"{model_dir}: trained on fold split {str(then.get('sha1'))[:10]}, but {split['file']} is "
                              f"{split['sha1'][:10]} (the data or the folds changed); delete {model_dir} and its "
                              "fold's predictions to train it again")
+        # The same images and folds can still be other training data: a copy with its masks removed, or another
+        # extra_train folder under the same path. A marker from before this record carries no identity: adopted.
+        if then.get("data") and split.get("data") and then["data"] != split["data"]:
+            raise InputError(f"{model_dir}: trained on other data with the same images and folds (e.g. a copy with "
+                             f"or without its masks, or a changed extra_train folder); delete {model_dir} and its "
+                             "fold's predictions, or set another exp, to train on this data")
+        if write and split.get("data") and not then.get("data"):  # adopted: from now on its data is known
+            write_json(split, marker)
     elif write:
         write_json(split, marker)
 
