@@ -40,6 +40,22 @@ def test_a_resumed_epoch_replaces_what_the_killed_run_logged(tmp_path):
     assert [(s, round(v, 4)) for s, v in got] == [(1, 0.5), (2, 0.3)]
 
 
+def test_the_fold_holds_one_event_file_whatever_the_writers_counter(tmp_path, monkeypatch):
+    """The flake this guards against: event file names end in a per-process counter that sorts as text, so a
+    file from writer 10 is read before one from writer 9. Only the newest history's file may be left."""
+    import tensorboard.summary.writer.event_file_writer as efw
+
+    counters = iter([9, 10, 11])
+    monkeypatch.setattr(efw, "_global_uid", type("Uid", (), {"get": lambda self: next(counters)})(), raising=False)
+    history = [_row(1, 0.5), _row(2, 0.9)]
+    write_epochs(history, tmp_path, "fold1")
+    write_epochs([history[0], _row(2, 0.3)], tmp_path, "fold1")
+    log_dir = tmp_path / TB_DIR / "fold1"
+    assert len(list(log_dir.iterdir())) == 1
+    assert [round(v, 4) for _, v in _scalars(log_dir)["train/loss"]] == [0.5, 0.3]
+    assert sorted(p.name for p in (tmp_path / TB_DIR).iterdir()) == ["fold1"]  # no half-swapped folder left
+
+
 def test_scalar_tags_group_by_split():
     assert scalar_tag("train_loss") == "train/loss" and scalar_tag("valid_auc_any") == "valid/auc_any"
     assert scalar_tag("lr") == "lr" and scalar_tag("epoch_time_s") == "epoch_time_s"

@@ -8,7 +8,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from src.atomic import save_png, write_csv
-from src.cnn.tensorboard import log_epoch
+from src.cnn.tensorboard import log_history
 
 
 def write_epochs(history: list[dict], out_dir: Path, tag: str) -> None:
@@ -23,4 +23,4 @@ def write_epochs(history: list[dict], out_dir: Path, tag: str) -> None:
     ax.set_title(f"{out_dir.name} {tag}")
     ax.legend()
     save_png(fig, out_dir / f"{tag}_curves.png", dpi=90)
-    log_epoch(out_dir, tag, history[-1])
+    log_history(out_dir, tag, history)
