@@ -112,6 +112,12 @@ RECIPES: tuple[Recipe, ...] = (
            "study: the small bleeds' few slices trained as often as the large ones' many", ("seg_study_balance=1",)),
     Recipe("joint7", "the default with a 7th joint epoch (~40-65 s of the chain's margin under 15 min)",
            ("joint_epochs=7",)),
+    Recipe("lr2e-3", "the default at twice the learning rate (2e-3): the model trains from scratch, never tuned",
+           ("lr=0.002",)),
+    Recipe("wd0.05", "the default with AdamW's usual weight decay (0.05 for 1e-4): regularization for a small set "
+           "trained from scratch", ("weight_decay=0.05",)),
+    Recipe("batch16", "the default at batch 16: twice the optimizer steps for the same images", ("batch_size=16",)),
+    Recipe("lr2e-3-wd0.05", "both: twice the learning rate and weight decay 0.05", ("lr=0.002", "weight_decay=0.05")),
     Recipe("fullres", "the default with one more decoder block at the input's size, reading the image",
            (*BEFORE, "seg_full_res=true")),
     Recipe("classifier-96px", "plain timm classifier at the default's size and context, 8 epochs (BloodNet's 3 "

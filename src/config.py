@@ -12,7 +12,8 @@ from typing import Any
 
 import yaml
 
-from src.constants import CACHE_FORMATS, LABEL_WEIGHTS
+from src.config_checks import check_config
+from src.constants import LABEL_WEIGHTS
 from src.errors import InputError
 from src.naming import as_trained, changed_keys, derived_name
 from src.paths import OOF_DIR, ROOT
@@ -76,7 +77,6 @@ AFTER_TRAINING_SECTIONS: tuple[str, ...] = ("stack", "report", "triage")
 NON_TRAINING_KEYS: frozenset[str] = frozenset({"exp", "data_dir", "num_workers", "log_every", "compile", "seeds",
                                                "cache_format", "predict_train", "early_stopping",
                                                *AFTER_TRAINING_SECTIONS})
-SELECT_EPOCH = ("last", "valid")
 # Keys a plain classifier never reads (BloodNet's schedule and segmentation supervision), and the one BloodNet never
 # reads: a checkpoint is not refused over them (a classifier trained before a BloodNet default changed still resumes).
 SEGMENTATION_ONLY_KEYS: frozenset[str] = frozenset({
@@ -269,24 +269,7 @@ def load_config(path: str | None = None, sets: list[str] | None = None) -> Confi
         _apply(cfg, {key.strip(): value.strip()}, "--set")
     # Absolute, so that every stage (run_fold.sh asks src.config for the experiment name) hashes the same spelling.
     cfg.extra_train = tuple(str(Path(p).expanduser().resolve()) for p in cfg.extra_train)
-    if cfg.arch not in ("classifier", "multitask", "bloodnet"):
-        raise InputError(f"config key arch: {cfg.arch!r} is not one of classifier, multitask, bloodnet")
-    if cfg.cache_format not in CACHE_FORMATS:
-        raise InputError(f"config key cache_format: {cfg.cache_format!r} is not one of {', '.join(CACHE_FORMATS)}")
-    if len(cfg.class_weights) != len(LABEL_WEIGHTS):
-        raise InputError(f"config key class_weights: expected {len(LABEL_WEIGHTS)} values")
-    if cfg.select_epoch not in SELECT_EPOCH:
-        raise InputError(f"config key select_epoch: {cfg.select_epoch!r} is not one of {', '.join(SELECT_EPOCH)}")
-    if cfg.early_stopping > 0 and cfg.select_epoch != "valid":
-        raise InputError(f"config key early_stopping={cfg.early_stopping}: early stopping judges epochs on the "
-                         "validation fold, whose rows the OOF then scores; set select_epoch=valid to accept that "
-                         "optimism, or early_stopping=0")
-    if not 0.0 <= cfg.seg_hard_negatives <= 1.0:
-        raise InputError(f"config key seg_hard_negatives: {cfg.seg_hard_negatives} is not between 0 and 1")
-    if not 0.0 <= cfg.seg_study_balance <= 1.0:
-        raise InputError(f"config key seg_study_balance: {cfg.seg_study_balance} is not between 0 and 1")
-    if not 0 < cfg.decoder_width <= 4:
-        raise InputError(f"config key decoder_width: {cfg.decoder_width} is not in (0, 4]")
+    check_config(cfg)
     return cfg
 
 

@@ -59,6 +59,22 @@ def test_bad_overrides_raise(sets, message):
         load_config(None, sets)
 
 
+@pytest.mark.parametrize(
+    "key, bad, good",
+    [("lr", "0", "3e-4"), ("lr", "nan", "1e-2"), ("batch_size", "0", "1"), ("image_size", "31", "32"),
+     ("weight_decay", "-0.1", "0"), ("ema_decay", "1", "0.9999"), ("accumulate", "0", "2"), ("seeds", "0", "3"),
+     ("aug.hflip", "1.5", "1"), ("drop_rate", "1", "0"), ("decoder_width", "0", "4"), ("n_folds", "1", "2"),
+     ("num_workers", "-2", "-1"), ("class_weights", "1,1,1,1,1", "1,1,1,1,1,1"),
+     ("class_weights", "1,1,1,1,1,-2", "0,0,0,0,0,1"), ("select_epoch", "best", "valid"),
+     ("cache_format", "npy", "zstd")],
+)
+def test_values_out_of_range_name_the_key_and_the_edge_passes(key, bad, good):
+    with pytest.raises(InputError, match=rf"^config key {key}: ") as err:
+        load_config(None, [f"{key}={bad}"])
+    assert "\n" not in str(err.value)
+    load_config(None, [f"{key}={good}"])  # the edge of the range is allowed
+
+
 def test_unknown_yaml_key_names_the_file(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("backbon: resnet18\n")
