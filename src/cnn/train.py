@@ -10,6 +10,7 @@ seeds.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 from pathlib import Path
 
@@ -147,6 +148,9 @@ def predict_outputs(model: nn.Module, cfg: Config, rt: Runtime, data_dir: Path, 
 
 
 def run_fold(cfg: Config, fold: int, data_dir: Path) -> Path:
+    # A copy: prepare_data resolves masks=auto into the run's config (what its checkpoints record), and a caller
+    # that trains several folds with one config must get the same experiment name for each.
+    cfg = dataclasses.replace(cfg)
     rank, world, device = setup_distributed()
     rt = Runtime.create(cfg, rank, world, device)
     exp, tag = cfg.exp_name, (f"fold{fold}" if fold >= 0 else "full")
