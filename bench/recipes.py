@@ -1,21 +1,25 @@
-"""Training recipes on fold 0 of the embedded default, each trained once and timed: the README's recipe table.
+"""Training recipes on the embedded default (fold 0 unless --folds), each trained once and timed: the README's recipe
+table.
 
-    python bench/recipes.py [--only NAME ...] [--budget-min 12] [--data DIR] [--quick]
+    python bench/recipes.py [--only NAME ...] [--folds K ...] [--budget-min 12] [--data DIR] [--quick]
 
 Each recipe is the default config plus a few `--set` overrides (RECIPES below: one line each). It trains fold 0
 with `run_fold` (the same code as `python -m src.cnn.train --fold 0`) under its own experiment name, so its
-predictions land in oof/<exp>/ beside every other run and on `python -m src.evaluate.experiments`. Scores: fold-0
-weighted log loss and slice AUC(any) from fold0_metrics.json, study AUC(any) from the max `any` over each study's
-slices; for BloodNet recipes, the study blood volume's median absolute error and Spearman over fold 0's positive
-studies (src.evaluate.volumes). Time (train_min): the sum of the fold's logged epoch times (train + validate), the
+predictions land in oof/<exp>/ beside every other run and on `python -m src.evaluate.experiments`. Scores, from
+the fold's OOF file: weighted log loss, slice AUC(any), study AUC(any) from the max `any` over each study's slices;
+for BloodNet recipes, the study blood volume's median absolute error and Spearman over the positive studies (as
+src.evaluate.volumes scores them). Time (train_min): the sum of the fold's logged epoch times (train + validate), the
 same for a fold trained here or before, outside the bench; wall_min adds the final predictions (the cache for a new
 image size is built first and timed apart). A fold trained before goes through run_fold again (at once when it is
 finished; predicted again when its predictions came from another select_epoch) and is scored from its files, so a
 row always shows today's predictions; timings are kept per experiment in work/bench/recipes/, so a killed run
 resumes with the next recipe, and a killed fold resumes from its last epoch. A recipe whose key
 this checkout lacks (e.g. `ema` before EMA lands) is listed as skipped.
+`--folds 0 1 2 3 4` trains each recipe on every listed fold and scores their pooled OOF (fold 0 alone has misled
+four times); the recipes that ran are then compared on one paired bootstrap of those folds' studies
+(src.evaluate.compare), so a lead shows with the share of resamples it holds in.
 `--quick` shrinks every recipe (64 px, two batches, one epoch): a check of the machinery, not a result.
-Writes work/bench/recipes.{json,md}.
+Writes work/bench/recipes.{json,md} (with --folds: recipes-folds01234.{json,md}).
 """
 
 from __future__ import annotations
@@ -31,17 +35,20 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import numpy as np
 import pandas as pd
 import torch
 from sklearn.metrics import roc_auc_score
 
 from src.atomic import write_json, write_text
+from src.cnn.study_volumes import study_volumes, volume_summary
 from src.config import load_config
-from src.constants import ID_COL, STUDY
+from src.constants import ID_COL, LABELS, STUDY, VOLUME_COL
 from src.errors import InputError
+from src.evaluate.compare import as_markdown, compare
 from src.evaluate.experiments import train_minutes
-from src.evaluate.volumes import run_volumes
 from src.markdown import markdown_table
+from src.metric import weighted_log_loss
 from src.paths import OOF_DIR, TRUE_VOLUMES_CSV, WORK, resolve_data_dir
 
 
@@ -144,7 +151,7 @@ RECIPES: tuple[Recipe, ...] = (
 # Applied after each recipe's own keys in --quick mode.
 QUICK: tuple[str, ...] = ("image_size=64", "limit_train_batches=2", "batch_size=16", "epochs=1", "seg_epochs=0",
                           "head_epochs=0", "joint_epochs=1", "num_workers=0", "tta_flip=false")
-COLUMNS = ("recipe", "what", "exp", "status", "train_min", "within_budget", "fold0_wll", "auc_any", "study_auc_any",
+COLUMNS = ("recipe", "what", "exp", "status", "train_min", "within_budget", "wll", "auc_any", "study_auc_any",
            "volume_mdape_pct", "volume_mdape_ci95", "volume_spearman", "volume_spearman_ci95", "wall_min")
 
 
@@ -160,8 +167,21 @@ def study_auc_any(valid: pd.DataFrame, meta: pd.DataFrame) -> float:
     return float(roc_auc_score(studies["any_y"], studies["any_p"]))
 
 
-def run_recipe(recipe: Recipe, data_dir: Path, extra: tuple[str, ...], results_dir: Path) -> dict:
-    """Train fold 0 under the recipe (or reuse its saved result) and score it; a bad key is a 'skipped' row."""
+def pooled_valid(out_dir: Path, folds: tuple[int, ...]) -> pd.DataFrame:
+    """The listed folds' OOF predictions, one table (each image is in exactly one fold)."""
+    return pd.concat([pd.read_csv(out_dir / f"fold{k}_valid.csv", dtype={ID_COL: str}) for k in folds],
+                     ignore_index=True)
+
+
+def results_name(exp: str, folds: tuple[int, ...]) -> str:
+    """Saved row per experiment and fold set: fold 0 alone keeps the name rows had before `--folds` existed."""
+    return exp if folds == (0,) else f"{exp}_folds{'-'.join(map(str, folds))}"
+
+
+def run_recipe(recipe: Recipe, data_dir: Path, extra: tuple[str, ...], results_dir: Path,
+               folds: tuple[int, ...] = (0,)) -> dict:
+    """Train the listed folds under the recipe (or reuse them) and score their pooled OOF; a bad key is a 'skipped'
+    row."""
     from src.cnn.train import run_fold
     from src.data.cache import load_cache
     from src.data.metadata import load_metadata
@@ -173,47 +193,64 @@ def run_recipe(recipe: Recipe, data_dir: Path, extra: tuple[str, ...], results_d
         return {**row, "exp": "", "status": f"skipped: {str(err).split(' (known')[0]}"}
     cfg.data_dir = str(data_dir)
     row["exp"] = cfg.exp_name
-    saved = results_dir / f"{cfg.exp_name}.json"
+    saved = results_dir / f"{results_name(cfg.exp_name, folds)}.json"
     out_dir = OOF_DIR / cfg.exp_name
-    trained = (out_dir / "fold0_metrics.json").exists()
+    trained = all((out_dir / f"fold{k}_metrics.json").exists() for k in folds)
+    started = time.perf_counter()
     if trained:
         # Trained before (here or outside the bench, e.g. by run_fold.sh): run_fold returns at once for a finished
         # fold, predicts again one whose predictions came from another select_epoch, and trains on one that early
-        # stopping ended; the scores below are then read from its files every time (seconds).
-        row = {**(json.loads(saved.read_text()) if saved.exists() else {"status": "ran before"}), **row}
-        try:
-            run_fold(cfg, 0, data_dir)
-        except InputError as err:
-            return {**row, "status": f"skipped: {err}"}
+        # stopping ended; the scores below are then read from its files every time (seconds). Only the timing of the
+        # call that trained it is kept from the saved row.
+        timed = json.loads(saved.read_text()) if saved.exists() else {"status": "ran before"}
+        row = {**{k: v for k, v in timed.items() if k in ("status", "wall_min", "cache_min")}, **row}
     else:
-        started = time.perf_counter()
         for split in ("train", "test"):
             load_cache(data_dir, cfg.image_size, split, fmt=cfg.cache_format)
-        cache_s = time.perf_counter() - started
+        row["cache_min"] = (time.perf_counter() - started) / 60
         started = time.perf_counter()
-        try:
-            run_fold(cfg, 0, data_dir)
-        except InputError as err:  # e.g. a stale checkpoint under this name: one row lost, not the whole bench
-            return {**row, "status": f"skipped: {err}"}
-        # wall_min adds the final predictions to the epochs (and is this call's part only).
-        row.update(status="ran", wall_min=(time.perf_counter() - started) / 60, cache_min=cache_s / 60)
-    # train_min: the logged epoch times, the same for a fold trained here or elsewhere, or killed and resumed.
-    row["train_min"] = train_minutes(out_dir, [0])
-    metrics = json.loads((out_dir / "fold0_metrics.json").read_text())
-    valid = pd.read_csv(out_dir / "fold0_valid.csv", dtype={ID_COL: str})
-    row.update(fold0_wll=metrics["weighted_log_loss"], auc_any=metrics["auc"]["any"],
-               study_auc_any=study_auc_any(valid, load_metadata(data_dir, "train")))
-    row.update(volume_columns(cfg, out_dir, data_dir))
+    try:
+        for fold in folds:
+            run_fold(cfg, fold, data_dir)
+    except InputError as err:  # e.g. a stale checkpoint under this name: one row lost, not the whole bench
+        return {**row, "status": f"skipped: {err}"}
+    if not trained:  # wall_min adds the final predictions to the epochs (and is this call's part only)
+        row.update(status="ran", wall_min=(time.perf_counter() - started) / 60)
+    # train_min: the logged epoch times per fold (what one run_fold.sh trains), the same for a fold trained here or
+    # elsewhere, or killed and resumed.
+    row["train_min"] = train_minutes(out_dir, list(folds)) / len(folds)
+    meta, valid = load_metadata(data_dir, "train"), pooled_valid(out_dir, folds)
+    row.update(scores(valid, meta))
+    row.update(volume_columns(cfg, valid, meta, data_dir))
     write_json(row, saved)
     return row
 
 
-def volume_columns(cfg, out_dir: Path, data_dir: Path) -> dict:
-    """Study blood volume against the generator's truth over fold 0's positive studies (evaluate.volumes), with
-    bootstrap 95% intervals; nothing for a classifier or data without true volumes."""
-    if cfg.arch == "classifier" or not (data_dir / TRUE_VOLUMES_CSV).exists():
+def scores(valid: pd.DataFrame, meta: pd.DataFrame) -> dict:
+    """Weighted log loss and AUC(any) over the pooled OOF images (the metric is a mean over rows, so pooling is
+    exact), and the study AUC(any)."""
+    labels = valid[[ID_COL]].merge(meta[[ID_COL, *LABELS]], on=ID_COL, how="left", validate="one_to_one")
+    if labels[list(LABELS)].isna().any().any():
+        raise InputError("predicted IDs are not in the training metadata (wrong --data?)")
+    y, p = labels[list(LABELS)].to_numpy(np.float64), valid[list(LABELS)].to_numpy(np.float64)
+    any_col = LABELS.index("any")
+    return {"wll": weighted_log_loss(y, p), "auc_any": float(roc_auc_score(y[:, any_col], p[:, any_col])),
+            "study_auc_any": study_auc_any(valid, meta)}
+
+
+def true_volumes(data_dir: Path) -> pd.DataFrame | None:
+    path = data_dir / TRUE_VOLUMES_CSV
+    return pd.read_csv(path, dtype={ID_COL: str}) if path.exists() else None
+
+
+def volume_columns(cfg, valid: pd.DataFrame, meta: pd.DataFrame, data_dir: Path) -> dict:
+    """Study blood volume against the generator's truth over the folds' positive studies (as
+    src.evaluate.volumes scores it), with bootstrap 95% intervals; nothing for a classifier or data without true
+    volumes."""
+    true = true_volumes(data_dir)
+    if cfg.arch == "classifier" or true is None or VOLUME_COL not in valid:
         return {}
-    summary = run_volumes(out_dir / "fold0_valid.csv", data_dir)  # fold 0 only, whatever other folds exist
+    summary = volume_summary(study_volumes(valid[[ID_COL, VOLUME_COL]], meta, true))
 
     def interval(key: str, fmt: str) -> str:
         ci = summary.get(key)
@@ -222,6 +259,18 @@ def volume_columns(cfg, out_dir: Path, data_dir: Path) -> dict:
     return {"volume_mdape_pct": summary.get("mdape_percent"), "volume_mdape_ci95": interval("mdape_ci95", ".0f"),
             "volume_spearman": summary.get("spearman_positive"),
             "volume_spearman_ci95": interval("spearman_ci95", ".2f")}
+
+
+def paired_comparison(rows: list[dict], folds: tuple[int, ...], data_dir: Path) -> dict | None:
+    """The recipes that ran, each against the first, on one paired bootstrap of the folds' studies
+    (src.evaluate.compare): whether a row's lead is more than which studies the folds hold. None under two."""
+    from src.data.metadata import load_metadata
+
+    ran = [r for r in rows if str(r.get("status", "")).startswith("ran")]
+    if len(ran) < 2:
+        return None
+    preds = {r["recipe"]: pooled_valid(OOF_DIR / r["exp"], folds) for r in ran}
+    return compare(preds, load_metadata(data_dir, "train"), true=true_volumes(data_dir))
 
 
 def machine() -> str:
@@ -245,6 +294,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="minutes the training step may take: run_fold.sh 0's 15 min less an assumed 3 min "
                         "for its other stages")
     parser.add_argument("--data", help="data directory (default: the embedded synthetic set)")
+    parser.add_argument("--folds", nargs="+", type=int, default=[0], metavar="K",
+                        help="folds each recipe trains, scored on their pooled OOF (default: 0; fold 0 alone has "
+                        "misled: `--folds 0 1 2 3 4` decides)")
     parser.add_argument("--quick", action="store_true", help="tiny runs: checks the machinery, measures nothing")
     parser.add_argument("--out", type=Path, default=WORK / "bench", help="where recipes.{json,md} go")
     args = parser.parse_args(argv)
@@ -255,6 +307,9 @@ def main(argv: list[str] | None = None) -> int:
     data_dir = resolve_data_dir(args.data)
     if not data_dir.is_dir():
         raise InputError(f"{data_dir}: no data; run `bash run_fold.sh 0` or `python -m src.synth {data_dir}` first")
+    folds = tuple(sorted(set(args.folds)))
+    if folds[0] < 0:
+        raise InputError(f"--folds {' '.join(map(str, args.folds))}: folds are numbered from 0")
     extra = QUICK if args.quick else ()
     results_dir = args.out / ("recipes-quick" if args.quick else "recipes")
     before = machine()
@@ -263,20 +318,27 @@ def main(argv: list[str] | None = None) -> int:
         if args.only and recipe.name not in args.only:
             continue
         print(f"[recipes] {recipe.name}: {' '.join(recipe.sets) or '(defaults)'}", flush=True)
-        rows.append(run_recipe(recipe, data_dir, extra, results_dir))
+        rows.append(run_recipe(recipe, data_dir, extra, results_dir, folds))
     frame = table(rows, args.budget_min)
+    which = "Fold 0" if folds == (0,) else f"Folds {', '.join(map(str, folds))} (their OOF pooled)"
     header = [
-        "QUICK MODE: tiny runs that check the machinery; these numbers are not results." if args.quick else
-        f"Fold 0 of `{data_dir.name}`, each recipe trained once (seed 0); budget for the training step "
-        f"{args.budget_min:g} min.",
+        f"QUICK MODE: tiny runs that check the machinery; these numbers are not results ({which})." if args.quick else
+        f"{which} of `{data_dir.name}`, each recipe trained once (seed 0); train_min per fold; budget for the "
+        f"training step {args.budget_min:g} min.",
         f"Machine at start: {before}.", f"Machine at end: {machine()}.",
         "Load averages above the core count mean other work shared the cores: times are then upper bounds.",
-        "Command: `python bench/recipes.py" + (" --quick" if args.quick else "") + "`.",
+        "Command: `python bench/recipes.py" + (" --quick" if args.quick else "")
+        + ("" if folds == (0,) else f" --folds {' '.join(map(str, folds))}") + "`.",
     ]
     text = "\n".join(header) + "\n\n" + markdown_table(frame, digits=4)
+    paired = paired_comparison(rows, folds, data_dir)
+    if paired:
+        text += "\n\nPaired study bootstrap of the recipes that ran (src.evaluate.compare):\n\n" + as_markdown(paired)
     print(text)
-    write_json({"header": header, "rows": rows}, args.out / ("recipes-quick.json" if args.quick else "recipes.json"))
-    write_text(text, args.out / ("recipes-quick.md" if args.quick else "recipes.md"))
+    stem = ("recipes-quick" if args.quick else "recipes") + ("" if folds == (0,) else
+                                                            f"-folds{''.join(map(str, folds))}")
+    write_json({"header": header, "rows": rows, "paired": paired}, args.out / f"{stem}.json")
+    write_text(text, args.out / f"{stem}.md")
     return 0
 
 
