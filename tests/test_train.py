@@ -151,7 +151,7 @@ def test_checkpoint_from_before_a_new_key_still_resumes(tmp_path):
         load_checkpoint(path, load_config(None, ["arch=bloodnet", *as_trained, "seg_full_res=true"]))
     aug_key = next(iter(old["aug"]))  # a key the old checkpoint still has
     value = old["aug"][aug_key]
-    other = (not value) if isinstance(value, bool) else value * 2 + 1
+    other = (not value) if isinstance(value, bool) else (0.25 if value != 0.25 else 0.75)  # a probability: in [0, 1]
     changed = load_config(None, ["arch=bloodnet", *as_trained, f"aug.{aug_key}={other}"])
     with pytest.raises(InputError, match=r"other settings \(aug\)"):
         load_checkpoint(path, changed)
