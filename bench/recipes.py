@@ -50,6 +50,7 @@ from src.evaluate.experiments import train_minutes
 from src.markdown import markdown_table
 from src.metric import weighted_log_loss
 from src.paths import OOF_DIR, TRUE_VOLUMES_CSV, WORK, resolve_data_dir
+from src.predictions import read_prediction_csv
 
 
 @dataclass(frozen=True)
@@ -170,9 +171,9 @@ def study_auc_any(valid: pd.DataFrame, meta: pd.DataFrame) -> float:
 
 
 def pooled_valid(out_dir: Path, folds: tuple[int, ...]) -> pd.DataFrame:
-    """The listed folds' OOF predictions, one table (each image is in exactly one fold)."""
-    return pd.concat([pd.read_csv(out_dir / f"fold{k}_valid.csv", dtype={ID_COL: str}) for k in folds],
-                     ignore_index=True)
+    """The listed folds' OOF predictions, one table (each image is in exactly one fold), read and validated by the
+    project's one prediction reader."""
+    return pd.concat([read_prediction_csv(out_dir / f"fold{k}_valid.csv") for k in folds], ignore_index=True)
 
 
 def results_name(exp: str, folds: tuple[int, ...]) -> str:

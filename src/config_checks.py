@@ -66,8 +66,8 @@ def _interval(low: float, high: float, low_in: bool, high_in: bool) -> str:
 def check_config(cfg: Any) -> None:
     """Raise InputError naming the first key whose value is out of its range or choices."""
     for key, choices in CHOICES.items():
-        if _value(cfg, key) not in choices:
-            raise InputError(f"config key {key}: {_value(cfg, key)!r} is not one of {', '.join(choices)}")
+        if (value := _value(cfg, key)) not in choices:
+            raise InputError(f"config key {key}: {value!r} is not one of {', '.join(choices)}")
     for key, (low, high, low_in, high_in) in RANGES.items():
         value = _value(cfg, key)
         inside = (value >= low if low_in else value > low) and (value <= high if high_in else value < high)
