@@ -128,6 +128,15 @@ RECIPES: tuple[Recipe, ...] = (
     Recipe("lr2e-3-wd0.05", "both: twice the learning rate and weight decay 0.05", ("lr=0.002", "weight_decay=0.05")),
     Recipe("batch16-lambda0.75", "batch16 with the map's loss weighted 0.75 in the joint epochs (0.5): batch 16 "
            "classified better over five folds but drew a worse map", ("batch_size=16", "joint_lambda=0.75")),
+    Recipe("evidence", "the default with the head also reading the map's strongest evidence (its logits pooled by "
+           "log-sum-exp, r = 8) beside the volume: the pooled map alone ranked slices better than the head",
+           ("map_evidence_r=8",)),
+    Recipe("evidence-seed1", "evidence with seed 1", ("map_evidence_r=8", "seed=1")),
+    Recipe("default-seed1", "the default again with seed 1: the draw, for the seed-1 rows", ("seed=1",)),
+    Recipe("batch16-seed1", "batch16 with seed 1: is its lower log loss over five folds the draw?",
+           ("batch_size=16", "seed=1")),
+    Recipe("batch8", "the default at batch 8: four times the optimizer steps (batch 16 classified better)",
+           ("batch_size=8",)),
     Recipe("fullres", "the default with one more decoder block at the input's size, reading the image",
            (*BEFORE, "seg_full_res=true")),
     Recipe("classifier-96px", "plain timm classifier at the default's size and context, 8 epochs (BloodNet's 3 "

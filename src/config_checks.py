@@ -35,6 +35,7 @@ RANGES: dict[str, tuple[float, float, bool, bool]] = {
     "joint_epochs": (0, INF, True, True),
     "joint_lambda": (0, INF, True, True),
     "weak_pool_r": (0, INF, False, True),
+    "map_evidence_r": (0, INF, True, True),  # 0: off
     "seg_hard_negatives": (0, 1, True, True),
     "seg_study_balance": (0, 1, True, True),
     "decoder_width": (0, 4, False, True),

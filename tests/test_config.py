@@ -66,7 +66,7 @@ def test_bad_overrides_raise(sets, message):
      ("aug.hflip", "1.5", "1"), ("drop_rate", "1", "0"), ("decoder_width", "0", "4"), ("n_folds", "1", "2"),
      ("num_workers", "-2", "-1"), ("class_weights", "1,1,1,1,1", "1,1,1,1,1,1"),
      ("class_weights", "1,1,1,1,1,-2", "0,0,0,0,0,1"), ("select_epoch", "best", "valid"),
-     ("cache_format", "npy", "zstd")],
+     ("cache_format", "npy", "zstd"), ("map_evidence_r", "-1", "0")],
 )
 def test_values_out_of_range_name_the_key_and_the_edge_passes(key, bad, good):
     with pytest.raises(InputError, match=rf"^config key {key}: ") as err:

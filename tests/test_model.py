@@ -77,19 +77,50 @@ def test_full_resolution_block_draws_what_a_half_resolution_map_cannot(one_torch
     assert half < 0.8, half
 
 
+@pytest.mark.parametrize("evidence_r", [0.0, 8.0])
 @pytest.mark.parametrize("grad", [True, False])
-def test_volume_feature_gradient_reaches_the_map_only_when_asked(grad):
-    """volume_feature_grad=false: the classification loss cannot move the map (its only way in is the volume
-    feature), yet the head still reads the volume; true (the paper's): it can."""
+def test_volume_feature_gradient_reaches_the_map_only_when_asked(grad, evidence_r):
+    """volume_feature_grad=false: the classification loss cannot move the map (its only ways in are the volume
+    feature and, with map_evidence_r, the pooled map), yet the head still reads them; true (the paper's): it can."""
     torch.manual_seed(0)
-    cfg = load_config(None, ["arch=bloodnet", "backbone=resnet10t", "context=0", f"volume_feature_grad={grad}"])
+    cfg = load_config(None, ["arch=bloodnet", "backbone=resnet10t", "context=0", f"volume_feature_grad={grad}",
+                             f"map_evidence_r={evidence_r}"])
     model = build_model(cfg).train()
     out = model(torch.rand(2, cfg.in_chans, 32, 32), torch.full((2,), 2.5))
     torch.nn.functional.binary_cross_entropy_with_logits(out["logits"], torch.ones_like(out["logits"])).backward()
     seg_head_grad = model.seg_head.weight.grad
     reaches_map = seg_head_grad is not None and bool(seg_head_grad.abs().sum() > 0)
     assert reaches_map == grad
-    assert model.head.weight.grad[:, -1].abs().sum() > 0  # the volume column of the head still learns
+    n_map_features = 2 if evidence_r else 1
+    assert model.head.weight.shape[1] == 512 + n_map_features  # resnet10t's pooled bottleneck, then the map's
+    assert (model.head.weight.grad[:, -n_map_features:].abs().sum(dim=0) > 0).all()  # their columns still learn
+
+
+def test_head_reads_the_volume_then_the_pooled_map():
+    """map_evidence_r: the head's last two inputs are log1p(soft volume / 100 mm³) and the map's logits pooled by
+    log-sum-exp at that sharpness; a map painting one bright blob raises the evidence far above a blank one's."""
+    from src.cnn.losses import lse_pool
+    from src.cnn.model import VOLUME_SCALE_MM3
+
+    torch.manual_seed(0)
+    model = build_model(load_config(None, ["backbone=resnet10t", "context=0", "map_evidence_r=8"])).eval()
+    seen = {}
+    model.head.register_forward_hook(lambda module, args, output: seen.update(head_input=args[0]))
+    with torch.no_grad():
+        out = model(torch.rand(3, 3, 32, 32), torch.full((3,), 2.5))
+    volume_feature, evidence = seen["head_input"][:, -2], seen["head_input"][:, -1]
+    torch.testing.assert_close(volume_feature, torch.log1p(out["volume_mm3"] / VOLUME_SCALE_MM3))
+    torch.testing.assert_close(evidence, lse_pool(out["seg_logits"], 8.0))
+    blank, blob = torch.full((2, 1, 32, 32), -6.0), torch.full((2, 1, 32, 32), -6.0)
+    blob[1, :, 10:14, 10:14] = 4.0  # 16 of 1,024 pixels at p = 0.98
+    assert lse_pool(blob, 8.0)[1] - lse_pool(blank, 8.0)[1] > 5.0
+
+
+def test_multitask_reads_no_map_feature():
+    """arch=multitask is BloodNet without the map feeding the head (the ablation's middle row): map_evidence_r
+    does not add a column to it."""
+    model = build_model(load_config(None, ["arch=multitask", "backbone=resnet10t", "context=0", "map_evidence_r=8"]))
+    assert model.head.weight.shape[1] == 512
 
 
 @pytest.mark.parametrize(("width", "expected"), [(0.125, [32, 16, 16, 16]), (0.25, [64, 32, 16, 16]),

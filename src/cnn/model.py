@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from src.cnn.losses import lse_pool
 from src.config import Config
 from src.constants import BLOOD_HU, BLOOD_HU_EDGE, BLOOD_WINDOW, LABELS
 from src.data.windows import window_channel
@@ -108,7 +109,10 @@ class SegClassifier(nn.Module):
             in_channels = FULL_RES_CHANNELS
         self.seg_head = nn.Conv2d(in_channels, 1, kernel_size=1)
         self.dropout = nn.Dropout(cfg.drop_rate)
-        self.head = nn.Linear(channels[-1] + int(self.use_volume), len(LABELS))
+        # The map's evidence is a BloodNet feature, as the volume is (multitask reads neither).
+        self.map_evidence_r = cfg.map_evidence_r if self.use_volume else 0.0
+        n_map_features = int(self.use_volume) + int(self.map_evidence_r > 0)
+        self.head = nn.Linear(channels[-1] + n_map_features, len(LABELS))
         self.volume_feature_grad = cfg.volume_feature_grad
         self.volume_cutoff = MASK_CUTOFF  # a checkpoint's calibrated value replaces it (checkpoints.deploy)
 
@@ -139,8 +143,12 @@ class SegClassifier(nn.Module):
             if voxel_mm3 is None:
                 raise ValueError("bloodnet needs voxel_mm3 to turn the predicted mask into a volume")
             volume = out["volume_mm3"] if self.volume_feature_grad else out["volume_mm3"].detach()
-            volume_feature = torch.log1p(volume / VOLUME_SCALE_MM3).unsqueeze(1).to(embedding.dtype)
-            head_input = torch.cat([head_input, volume_feature], dim=1)
+            map_features = [torch.log1p(volume / VOLUME_SCALE_MM3)]
+            if self.map_evidence_r > 0:
+                # volume_feature_grad governs both: without it only the pixel loss shapes the map
+                evidence = lse_pool(seg_logits, self.map_evidence_r)
+                map_features.append(evidence if self.volume_feature_grad else evidence.detach())
+            head_input = torch.cat([head_input, torch.stack(map_features, dim=1).to(embedding.dtype)], dim=1)
         out["logits"] = self.head(head_input)
         return out
 
