@@ -164,3 +164,26 @@ def test_a_checkpoint_from_before_decoder_width_loads_as_the_wide_decoder_it_is(
     model, loaded = load_model(path)
     assert loaded.decoder_width == 0.5 and [b.block[0].out_channels for b in model.decoder] == [128, 64, 32, 32]
     assert config_from_dict(state["config"]).volume_feature_grad is False  # a key the record holds keeps its value
+
+
+def test_a_checkpoint_from_before_map_evidence_loads_with_the_head_it_was_trained_with(tmp_path):
+    """Until stop 38 BloodNet's head read the volume alone (513 inputs on resnet10t); today's reads the pooled map
+    too (514). A checkpoint saved before the key existed rebuilds the old head and loads, and predicts the same."""
+    from src.cnn.checkpoints import load_model
+    from src.cnn.model import build_model
+
+    assert Config().map_evidence_r != BEFORE_KEY_EXISTED["map_evidence_r"]
+    torch.manual_seed(0)
+    cfg = load_config(None, ["backbone=resnet10t", "context=0", "map_evidence_r=0"])
+    old_model = build_model(cfg).eval()
+    path = tmp_path / "best.pt"
+    save_checkpoint(path, old_model, cfg, epoch=1)
+    state = torch.load(path, weights_only=False)
+    del state["config"]["map_evidence_r"]  # saved before the key existed
+    torch.save(state, path)
+    model, loaded = load_model(path)
+    assert loaded.map_evidence_r == 0.0 and model.head.weight.shape[1] == 513
+    x, voxel = torch.rand(2, 3, 32, 32), torch.full((2,), 2.0)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, voxel)["logits"], old_model(x, voxel)["logits"])
+    assert build_model(load_config(None, ["backbone=resnet10t", "context=0"])).head.weight.shape[1] == 514
