@@ -57,7 +57,8 @@ def test_model_volume_is_probability_sum_times_voxel_and_feeds_the_head():
         model.seg_head.weight.zero_()
         model.seg_head.bias.fill_(0.0)  # every pixel p = 0.5
         model.head.weight.zero_()
-        model.head.weight[:, -1] = 1.0  # logits = the volume feature alone
+        # The head reads [embedding, volume feature, pooled map (map_evidence_r > 0)]: logits = the volume alone.
+        model.head.weight[:, model.head.in_features - (2 if model.map_evidence_r else 1)] = 1.0
         model.head.bias.zero_()
         voxel = torch.tensor([18.0, 2.0])
         out = model(torch.rand(2, 3, S, S), voxel)
