@@ -54,11 +54,10 @@ def batch_signals(model: torch.nn.Module, images: torch.Tensor, voxel_mm3: torch
     for view in (images, torch.flip(images, dims=[-1])):
         out = model(view, voxel_mm3)
         logits = out["seg_logits"].float()
-        prob = torch.sigmoid(logits)
         signals = {"head": torch.sigmoid(out["logits"][:, LABELS.index("any")].float()),
                    "map max": logits.flatten(1).max(dim=1).values,
                    **{f"map lse {r:g}": lse_pool(logits, r) for r in POOL_RS},
-                   "soft volume": prob.sum(dim=(1, 2, 3)) * voxel_mm3.float(),
+                   "soft volume": out["volume_mm3"].float(),  # the model's own: Σ p × voxel, the head's feature
                    "hard volume": out["mask_volume_mm3"].float()}
         for name, value in signals.items():
             per_view.setdefault(name, []).append(value)

@@ -33,8 +33,9 @@ class KnownMap(nn.Module):
         seg = torch.flip(self.seg_logits, dims=[-1]) if flipped else self.seg_logits
         logits = torch.zeros(len(image), 6)
         logits[:, 5] = self.any_logit
-        count = (torch.sigmoid(seg) >= 0.5).sum(dim=(1, 2, 3)).float()
-        return {"seg_logits": seg, "logits": logits, "mask_volume_mm3": count * voxel_mm3.float()}
+        prob = torch.sigmoid(seg)
+        return {"seg_logits": seg, "logits": logits, "volume_mm3": prob.sum(dim=(1, 2, 3)) * voxel_mm3.float(),
+                "mask_volume_mm3": (prob >= 0.5).sum(dim=(1, 2, 3)).float() * voxel_mm3.float()}
 
 
 def test_signals_of_a_known_map_are_flip_invariant_and_exact():
