@@ -84,6 +84,10 @@ RECIPES: tuple[Recipe, ...] = (
     Recipe("dropout0.5", "the default with dropout 0.5 (0.1) on the pooled features, not on the map's: the pooled "
            "map alone ranked slices better than the head that reads it (AUC 0.910 vs 0.890, five folds)",
            ("drop_rate=0.5",)),
+    Recipe("freeze-map", "the default with the head's weights on the map's features kept as the head step fit "
+           "them (the encoder frozen then), so the joint step cannot trade the map for the embedding fit to the "
+           "training rows", ("freeze_map_weights=true",)),
+    Recipe("freeze-map-seed1", "freeze-map with seed 1", ("freeze_map_weights=true", "seed=1")),
     Recipe("plain-head", "the default until stop 38: the head reads the volume alone (the paper's), not the pooled "
            "map", PLAIN_HEAD),
     Recipe("plain-head-seed1", "plain-head with seed 1", (*PLAIN_HEAD, "seed=1")),

@@ -82,7 +82,7 @@ NON_TRAINING_KEYS: frozenset[str] = frozenset({"exp", "data_dir", "num_workers",
 SEGMENTATION_ONLY_KEYS: frozenset[str] = frozenset({
     "seg_epochs", "head_epochs", "joint_epochs", "joint_lambda", "masks", "seg_loss", "weak_pool_r", "weak_refine",
     "seg_balance", "seg_hard_negatives", "seg_study_balance", "seg_full_res", "decoder_width", "hu_prior",
-    "volume_feature_grad", "map_evidence_r"})
+    "volume_feature_grad", "map_evidence_r", "freeze_map_weights"})
 
 # What runs saved before a key existed trained with, for keys whose default changed since: a record or checkpoint
 # lacking one must not read as today's default (name hash, leaderboard, resume). Add a key when its default changes.
@@ -167,6 +167,10 @@ class Config:
     # ranked slices for `any` worse than chance (AUC 0.24), the pooled map alone better than the head (0.896 vs
     # 0.878). Over five folds r = 8 cut the log loss 0.1725 -> 0.1644 and raised slice AUC 0.878 -> 0.890 (README)
     map_evidence_r: float = 8.0
+    # true: from the joint step on, the head's weights on the map's features stay as the head step fit them (the
+    # encoder frozen then, so its embedding had not yet been fit to the training rows' labels); the joint step fits
+    # the embedding's weights only. The head under-reads the map: the pool alone ranks slices better (README)
+    freeze_map_weights: bool = False
     # seg_balance's negatives: 0 = uniform; h in (0, 1] = drawn with weight (1 - h)/n + h x (share of the slice's
     # hyperdense pixels, constants.HYPERDENSE_HU): the falx, sinuses, vessels and skull edges the map mistakes for blood
     seg_hard_negatives: float = 0.5

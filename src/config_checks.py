@@ -77,6 +77,9 @@ def check_config(cfg: Any) -> None:
     if len(cfg.class_weights) != len(LABEL_WEIGHTS) or min(cfg.class_weights) < 0:
         raise InputError(f"config key class_weights: expected {len(LABEL_WEIGHTS)} values >= 0 (label order: "
                          f"src/constants.py), got {list(cfg.class_weights)}")
+    if cfg.freeze_map_weights and cfg.arch == "bloodnet" and cfg.head_epochs < 1:
+        raise InputError("config key freeze_map_weights=true keeps the head's map weights as the head step fit "
+                         "them, and head_epochs=0 has no head step: set head_epochs >= 1")
     if cfg.early_stopping > 0 and cfg.select_epoch != "valid":
         raise InputError(f"config key early_stopping={cfg.early_stopping}: early stopping judges epochs on the "
                          "validation fold, whose rows the OOF then scores; set select_epoch=valid to accept that "

@@ -172,7 +172,7 @@ def train_epochs(core: nn.Module, train_ds, valid_ds, cfg: Config, rt: Runtime, 
         return math.ceil(len(loader) / max(1, cfg.accumulate))
 
     ema_step = sum(optimizer_steps(e) for e in range(progress.start_epoch))  # EMA warmup counts optimizer steps
-    model, optimizer, current_phase = core, None, None
+    model, optimizer, current_phase, frozen_map_weights = core, None, None, None
     for epoch in range(progress.start_epoch, total_epochs):
         if progress.stopped_early:
             break
@@ -186,6 +186,10 @@ def train_epochs(core: nn.Module, train_ds, valid_ds, cfg: Config, rt: Runtime, 
                 optimizer.load_state_dict(state["optimizer"])
             if phase.name != state.get("phase"):
                 progress.stale = 0  # early stopping counts within a phase
+            if frozen_map_weights is not None:
+                frozen_map_weights.remove()
+            frozen_map_weights = (core.freeze_map_weights() if cfg.freeze_map_weights and phase.name == "joint"
+                                  else None)
             current_phase = phase
         seed_epoch(run.seed, epoch, rt.rank)
         sampler.set_epoch(epoch)

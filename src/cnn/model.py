@@ -111,13 +111,24 @@ class SegClassifier(nn.Module):
         self.dropout = nn.Dropout(cfg.drop_rate)
         # The map's evidence is a BloodNet feature, as the volume is (multitask reads neither).
         self.map_evidence_r = cfg.map_evidence_r if self.use_volume else 0.0
-        n_map_features = int(self.use_volume) + int(self.map_evidence_r > 0)
-        self.head = nn.Linear(channels[-1] + n_map_features, len(LABELS))
+        self.n_map_features = int(self.use_volume) + int(self.map_evidence_r > 0)
+        self.head = nn.Linear(channels[-1] + self.n_map_features, len(LABELS))
         self.volume_feature_grad = cfg.volume_feature_grad
         self.volume_cutoff = MASK_CUTOFF  # a checkpoint's calibrated value replaces it (checkpoints.deploy)
 
     def head_parameters(self) -> list[nn.Parameter]:
         return list(self.head.parameters())
+
+    def freeze_map_weights(self) -> torch.utils.hooks.RemovableHandle | None:
+        """Zero the gradient of the head's weights on the map's features (its last columns) from now on, so they
+        stay as the head step fit them while the embedding's weights go on learning (None: the head reads no map).
+        Remove the returned handle to release them. AdamW's decoupled weight decay still shrinks them by
+        lr × weight_decay per step (~3e-5 relative over the default's joint step)."""
+        if self.n_map_features == 0:
+            return None
+        keep = torch.ones_like(self.head.weight)
+        keep[:, -self.n_map_features:] = 0.0
+        return self.head.weight.register_hook(lambda grad: grad * keep.to(grad.dtype))
 
     def forward(self, image: torch.Tensor, voxel_mm3: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         features = self.encoder(image)
