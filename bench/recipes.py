@@ -88,6 +88,10 @@ RECIPES: tuple[Recipe, ...] = (
            "them (the encoder frozen then), so the joint step cannot trade the map for the embedding fit to the "
            "training rows", ("freeze_map_weights=true",)),
     Recipe("freeze-map-seed1", "freeze-map with seed 1", ("freeze_map_weights=true", "seed=1")),
+    Recipe("head-lr10", "the default with the head at 10x the learning rate: Adam moves a weight ~lr per step, and "
+           "the head step's ~90 steps at 1e-3 left the head's weight on the pooled map at 0.07",
+           ("head_lr_scale=10",)),
+    Recipe("head-lr10-seed1", "head-lr10 with seed 1", ("head_lr_scale=10", "seed=1")),
     Recipe("plain-head", "the default until stop 38: the head reads the volume alone (the paper's), not the pooled "
            "map", PLAIN_HEAD),
     Recipe("plain-head-seed1", "plain-head with seed 1", (*PLAIN_HEAD, "seed=1")),

@@ -171,6 +171,9 @@ class Config:
     # encoder frozen then, so its embedding had not yet been fit to the training rows' labels); the joint step fits
     # the embedding's weights only. The head under-reads the map: the pool alone ranks slices better (README)
     freeze_map_weights: bool = False
+    # the head's learning rate is lr x head_lr_scale in every step (the rest of the network: lr). With Adam a weight
+    # moves ~lr per step, so the head step's ~90 steps at lr 1e-3 leave the head far from fit on small data
+    head_lr_scale: float = 1.0
     # seg_balance's negatives: 0 = uniform; h in (0, 1] = drawn with weight (1 - h)/n + h x (share of the slice's
     # hyperdense pixels, constants.HYPERDENSE_HU): the falx, sinuses, vessels and skull edges the map mistakes for blood
     seg_hard_negatives: float = 0.5

@@ -28,6 +28,7 @@ RANGES: dict[str, tuple[float, float, bool, bool]] = {
     "lr": (0, INF, False, True),
     "weight_decay": (0, INF, True, True),
     "warmup_epochs": (0, INF, True, True),
+    "head_lr_scale": (0, INF, False, True),
     "grad_clip": (0, INF, True, True),  # 0: no clipping
     "early_stopping": (0, INF, True, True),
     "seg_epochs": (0, INF, True, True),

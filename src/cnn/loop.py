@@ -34,7 +34,21 @@ def make_optimizer(cfg: Config, model: nn.Module, head_only: bool) -> torch.opti
         raise InputError(f"config key optimizer: {cfg.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
     fused = next(core.parameters()).is_cuda
     extra = {"fused": True, "foreach": False} if fused else {}
-    return timm.optim.create_optimizer_v2(core, cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay, **extra)
+    params = core if cfg.head_lr_scale == 1.0 else head_scaled_groups(core, head_ids, cfg)
+    return timm.optim.create_optimizer_v2(params, cfg.optimizer, lr=cfg.lr, weight_decay=cfg.weight_decay, **extra)
+
+
+def head_scaled_groups(core: nn.Module, head_ids: set[int], cfg: Config) -> list[dict]:
+    """timm's weight-decay groups, each split into the head's parameters, whose `lr_scale` is cfg.head_lr_scale,
+    and the rest. Adam moves a weight by about lr per step whatever its gradient, so at lr 1e-3 the ~90 steps of
+    the head step here cannot take a weight past ~0.1: a linear head on frozen features is not fit, only started."""
+    groups = []
+    for group in timm.optim.param_groups_weight_decay(core, cfg.weight_decay):
+        for in_head in (False, True):
+            params = [p for p in group["params"] if (id(p) in head_ids) == in_head]
+            if params:
+                groups.append({**group, "params": params, "lr_scale": cfg.head_lr_scale if in_head else 1.0})
+    return groups
 
 
 def train_one_epoch(model: nn.Module, loader, optimizer, scaler, phase: Phase, epoch_in_phase: int, cfg: Config,
@@ -65,7 +79,7 @@ def train_one_epoch(model: nn.Module, loader, optimizer, scaler, phase: Phase, e
         last_in_group = position == group - 1
         lr = lr_at(epoch_in_phase * steps_per_epoch + step, total_steps, warmup, cfg.lr)
         for param_group in optimizer.param_groups:
-            param_group["lr"] = lr
+            param_group["lr"] = lr * param_group.get("lr_scale", 1.0)
         sync = no_sync(model, skip=not last_in_group)
         sync.__enter__()
         x = to_input(batch["image"], rt.device, rt.channels_last)
