@@ -92,6 +92,10 @@ RECIPES: tuple[Recipe, ...] = (
            "the head step's ~90 steps at 1e-3 left the head's weight on the pooled map at 0.07",
            ("head_lr_scale=10",)),
     Recipe("head-lr10-seed1", "head-lr10 with seed 1", ("head_lr_scale=10", "seed=1")),
+    Recipe("head-step-lr1e-2", "the default with the head step (the last layer alone, on frozen features) at lr "
+           "1e-2, the rest at 1e-3: head-lr10's fit without its 10x head in the joint step",
+           ("head_step_lr=0.01",)),
+    Recipe("head-step-lr1e-2-seed1", "head-step-lr1e-2 with seed 1", ("head_step_lr=0.01", "seed=1")),
     Recipe("plain-head", "the default until stop 38: the head reads the volume alone (the paper's), not the pooled "
            "map", PLAIN_HEAD),
     Recipe("plain-head-seed1", "plain-head with seed 1", (*PLAIN_HEAD, "seed=1")),

@@ -29,6 +29,7 @@ RANGES: dict[str, tuple[float, float, bool, bool]] = {
     "weight_decay": (0, INF, True, True),
     "warmup_epochs": (0, INF, True, True),
     "head_lr_scale": (0, INF, False, True),
+    "head_step_lr": (0, INF, True, True),  # 0: lr
     "grad_clip": (0, INF, True, True),  # 0: no clipping
     "early_stopping": (0, INF, True, True),
     "seg_epochs": (0, INF, True, True),

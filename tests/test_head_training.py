@@ -106,3 +106,20 @@ def test_the_loop_runs_the_head_at_its_multiple_of_the_schedule(noise_slices):
 def test_default_head_lr_scale_keeps_timms_own_groups():
     cfg = load_config(None, ["backbone=resnet10t", "context=0"])
     assert all("lr_scale" not in g for g in make_optimizer(cfg, build_model(cfg), head_only=False).param_groups)
+
+
+@pytest.mark.parametrize(("phase", "expected_base"), [(Phase("head", 1, 0.0, head_only=True), 1e-2),
+                                                      (Phase("joint", 1, 0.5), 1e-3)])
+def test_head_step_lr_sets_the_head_steps_schedule_only(noise_slices, phase, expected_base):
+    """The head step runs its cosine from head_step_lr; every other step from lr. One epoch of 2 steps, no warmup:
+    the last step's rate is the schedule's at step 1 of 2, the middle of the cosine."""
+    from src.cnn.schedule import lr_at
+
+    cfg = load_config(None, ["backbone=resnet10t", "arch=bloodnet", "masks=none", "context=0", "lr=1e-3",
+                             "head_step_lr=1e-2", "warmup_epochs=0", "batch_size=8"])
+    model = build_model(cfg)
+    optimizer = make_optimizer(cfg, model, head_only=phase.head_only)
+    scaler = torch.amp.GradScaler("cuda", enabled=False)
+    train_one_epoch(model, DataLoader(noise_slices, batch_size=8), optimizer, scaler, phase, 0, cfg,
+                    Runtime(0, 1, torch.device("cpu"), None, False), torch.tensor(cfg.class_weights), "t")
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(lr_at(1, 2, 0, expected_base))

@@ -65,6 +65,7 @@ def train_one_epoch(model: nn.Module, loader, optimizer, scaler, phase: Phase, e
     steps_per_epoch = math.ceil(batches / k)
     total_steps = steps_per_epoch * phase.epochs
     warmup = int(cfg.warmup_epochs * steps_per_epoch) if not phase.head_only else 0
+    base_lr = cfg.head_step_lr if phase.head_only and cfg.head_step_lr > 0 else cfg.lr
     model.train()
     if phase.head_only:
         model.eval()  # frozen encoder: keep BatchNorm statistics fixed too
@@ -77,7 +78,7 @@ def train_one_epoch(model: nn.Module, loader, optimizer, scaler, phase: Phase, e
         step, position = divmod(i, k)
         group = min(k, batches - step * k)  # the epoch's last group may be short
         last_in_group = position == group - 1
-        lr = lr_at(epoch_in_phase * steps_per_epoch + step, total_steps, warmup, cfg.lr)
+        lr = lr_at(epoch_in_phase * steps_per_epoch + step, total_steps, warmup, base_lr)
         for param_group in optimizer.param_groups:
             param_group["lr"] = lr * param_group.get("lr_scale", 1.0)
         sync = no_sync(model, skip=not last_in_group)
