@@ -96,6 +96,9 @@ RECIPES: tuple[Recipe, ...] = (
            "1e-2, the rest at 1e-3: head-lr10's fit without its 10x head in the joint step",
            ("head_step_lr=0.01",)),
     Recipe("head-step-lr1e-2-seed1", "head-step-lr1e-2 with seed 1", ("head_step_lr=0.01", "seed=1")),
+    Recipe("any-from-map", "the default with the `any` logit read from the map's features alone (pool and volume), "
+           "starting as the pool itself; the subtypes read the embedding too", ("any_from_map=true",)),
+    Recipe("any-from-map-seed1", "any-from-map with seed 1", ("any_from_map=true", "seed=1")),
     Recipe("plain-head", "the default until stop 38: the head reads the volume alone (the paper's), not the pooled "
            "map", PLAIN_HEAD),
     Recipe("plain-head-seed1", "plain-head with seed 1", (*PLAIN_HEAD, "seed=1")),

@@ -123,3 +123,28 @@ def test_head_step_lr_sets_the_head_steps_schedule_only(noise_slices, phase, exp
     train_one_epoch(model, DataLoader(noise_slices, batch_size=8), optimizer, scaler, phase, 0, cfg,
                     Runtime(0, 1, torch.device("cpu"), None, False), torch.tensor(cfg.class_weights), "t")
     assert optimizer.param_groups[0]["lr"] == pytest.approx(lr_at(1, 2, 0, expected_base))
+
+
+def test_any_from_map_reads_the_maps_features_alone_and_starts_as_the_pool():
+    """any_from_map: the `any` logit is exactly the pooled map at the start (weight 1, bias 0) and no change to the
+    embedding moves it; the subtypes still read the embedding."""
+    from src.cnn.losses import ANY, lse_pool
+
+    torch.manual_seed(0)
+    model = build_model(load_config(None, ["backbone=resnet10t", "context=0", "any_from_map=true"])).eval()
+    embedding_columns = model.head.in_features - model.n_map_features
+    image = torch.rand(3, 3, 32, 32)
+    with torch.no_grad():
+        out = model(image, torch.full((3,), 2.5))
+        torch.testing.assert_close(out["logits"][:, ANY], lse_pool(out["seg_logits"], model.map_evidence_r))
+        model.head.weight[:, :embedding_columns] += 1.0
+        moved = model(image, torch.full((3,), 2.5))["logits"]
+    torch.testing.assert_close(moved[:, ANY], out["logits"][:, ANY])
+    assert not torch.allclose(moved[:, :ANY], out["logits"][:, :ANY])
+    assert {id(p) for p in model.any_head.parameters()} <= {id(p) for p in model.head_parameters()}
+
+
+@pytest.mark.parametrize("sets", [["arch=classifier"], ["map_evidence_r=0"]])
+def test_any_from_map_without_a_pooled_map_is_a_config_error(sets):
+    with pytest.raises(InputError, match="any_from_map"):
+        load_config(None, ["any_from_map=true", *sets])

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from src.cnn.losses import lse_pool
+from src.cnn.losses import ANY, lse_pool
 from src.config import Config
 from src.constants import BLOOD_HU, BLOOD_HU_EDGE, BLOOD_WINDOW, LABELS
 from src.data.windows import window_channel
@@ -113,11 +113,20 @@ class SegClassifier(nn.Module):
         self.map_evidence_r = cfg.map_evidence_r if self.use_volume else 0.0
         self.n_map_features = int(self.use_volume) + int(self.map_evidence_r > 0)
         self.head = nn.Linear(channels[-1] + self.n_map_features, len(LABELS))
+        # any_from_map: the `any` logit reads the map's features alone, not the embedding. It starts as the pooled
+        # map itself (weight 1 on the pool, 0 on the volume): the map's own "blood somewhere on this slice" logit
+        self.any_head = None
+        if cfg.any_from_map and self.map_evidence_r > 0:
+            self.any_head = nn.Linear(self.n_map_features, 1)
+            with torch.no_grad():
+                self.any_head.weight.zero_()
+                self.any_head.weight[0, -1] = 1.0
+                self.any_head.bias.zero_()
         self.volume_feature_grad = cfg.volume_feature_grad
         self.volume_cutoff = MASK_CUTOFF  # a checkpoint's calibrated value replaces it (checkpoints.deploy)
 
     def head_parameters(self) -> list[nn.Parameter]:
-        return list(self.head.parameters())
+        return list(self.head.parameters()) + (list(self.any_head.parameters()) if self.any_head is not None else [])
 
     def freeze_map_weights(self) -> torch.utils.hooks.RemovableHandle | None:
         """Zero the gradient of the head's weights on the map's features (its last columns) from now on, so they
@@ -160,7 +169,11 @@ class SegClassifier(nn.Module):
                 evidence = lse_pool(seg_logits, self.map_evidence_r)
                 map_features.append(evidence if self.volume_feature_grad else evidence.detach())
             head_input = torch.cat([head_input, torch.stack(map_features, dim=1).to(embedding.dtype)], dim=1)
-        out["logits"] = self.head(head_input)
+        logits = self.head(head_input)
+        if self.any_head is not None:
+            any_logit = self.any_head(head_input[:, -self.n_map_features :])
+            logits = torch.cat([logits[:, :ANY], any_logit, logits[:, ANY + 1 :]], dim=1)
+        out["logits"] = logits
         return out
 
 
