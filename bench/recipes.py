@@ -72,33 +72,36 @@ class Recipe:
 # `BEFORE` spells that out for every BloodNet row measured then (a classifier never reads either key).
 # Until stop 32 the U-Net decoder was half the encoder's width: `WIDE`, in every BloodNet row measured then.
 # Until stop 38 the head read the volume alone, not the pooled map: `PLAIN_HEAD`, in every BloodNet row measured then.
-PLAIN_HEAD: tuple[str, ...] = ("map_evidence_r=0",)
+# Until stop 39 `any` read the embedding too, not the map's features alone: `ANY_FROM_HEAD`, likewise.
+ANY_FROM_HEAD: tuple[str, ...] = ("any_from_map=false",)
+PLAIN_HEAD: tuple[str, ...] = ("map_evidence_r=0", *ANY_FROM_HEAD)
 WIDE: tuple[str, ...] = (*PLAIN_HEAD, "decoder_width=0.5")
 BEFORE: tuple[str, ...] = ("volume_feature_grad=true", "seg_hard_negatives=0", *WIDE)
 AT_128: tuple[str, ...] = (*BEFORE, "image_size=128", "seg_epochs=4", "joint_epochs=3")
 RECIPES: tuple[Recipe, ...] = (
     Recipe("default", "the default: BloodNet, 96 px, context 1, 3 balanced segment + 1 head + 6 joint epochs, the "
            "map's gradient kept out of the head's features, hard negatives 0.5, the decoder at a quarter of the "
-           "encoder's channels, the head reading the volume and the map pooled by log-sum-exp (r = 8)"),
+           "encoder's channels, the head reading the volume and the map pooled by log-sum-exp (r = 8), `any` read "
+           "from the map's features alone"),
     Recipe("default-seed1", "the default again with seed 1: the draw", ("seed=1",)),
-    Recipe("dropout0.5", "the default with dropout 0.5 (0.1) on the pooled features, not on the map's: the pooled "
+    Recipe("any-from-head", "the default of stop 38: `any` read from the embedding too, beside the map's features",
+           ANY_FROM_HEAD),
+    Recipe("any-from-head-seed1", "any-from-head with seed 1", (*ANY_FROM_HEAD, "seed=1")),
+    Recipe("dropout0.5", "any-from-head with dropout 0.5 (0.1) on the pooled features, not on the map's: the pooled "
            "map alone ranked slices better than the head that reads it (AUC 0.910 vs 0.890, five folds)",
-           ("drop_rate=0.5",)),
-    Recipe("freeze-map", "the default with the head's weights on the map's features kept as the head step fit "
+           (*ANY_FROM_HEAD, "drop_rate=0.5")),
+    Recipe("freeze-map", "any-from-head with the head's weights on the map's features kept as the head step fit "
            "them (the encoder frozen then), so the joint step cannot trade the map for the embedding fit to the "
-           "training rows", ("freeze_map_weights=true",)),
-    Recipe("freeze-map-seed1", "freeze-map with seed 1", ("freeze_map_weights=true", "seed=1")),
-    Recipe("head-lr10", "the default with the head at 10x the learning rate: Adam moves a weight ~lr per step, and "
+           "training rows", (*ANY_FROM_HEAD, "freeze_map_weights=true")),
+    Recipe("freeze-map-seed1", "freeze-map with seed 1", (*ANY_FROM_HEAD, "freeze_map_weights=true", "seed=1")),
+    Recipe("head-lr10", "any-from-head with the head at 10x the learning rate: Adam moves a weight ~lr per step, and "
            "the head step's ~90 steps at 1e-3 left the head's weight on the pooled map at 0.07",
-           ("head_lr_scale=10",)),
-    Recipe("head-lr10-seed1", "head-lr10 with seed 1", ("head_lr_scale=10", "seed=1")),
-    Recipe("head-step-lr1e-2", "the default with the head step (the last layer alone, on frozen features) at lr "
+           (*ANY_FROM_HEAD, "head_lr_scale=10")),
+    Recipe("head-lr10-seed1", "head-lr10 with seed 1", (*ANY_FROM_HEAD, "head_lr_scale=10", "seed=1")),
+    Recipe("head-step-lr1e-2", "any-from-head with the head step (the last layer alone, on frozen features) at lr "
            "1e-2, the rest at 1e-3: head-lr10's fit without its 10x head in the joint step",
-           ("head_step_lr=0.01",)),
-    Recipe("head-step-lr1e-2-seed1", "head-step-lr1e-2 with seed 1", ("head_step_lr=0.01", "seed=1")),
-    Recipe("any-from-map", "the default with the `any` logit read from the map's features alone (pool and volume), "
-           "starting as the pool itself; the subtypes read the embedding too", ("any_from_map=true",)),
-    Recipe("any-from-map-seed1", "any-from-map with seed 1", ("any_from_map=true", "seed=1")),
+           (*ANY_FROM_HEAD, "head_step_lr=0.01")),
+    Recipe("head-step-lr1e-2-seed1", "head-step-lr1e-2 with seed 1", (*ANY_FROM_HEAD, "head_step_lr=0.01", "seed=1")),
     Recipe("plain-head", "the default until stop 38: the head reads the volume alone (the paper's), not the pooled "
            "map", PLAIN_HEAD),
     Recipe("plain-head-seed1", "plain-head with seed 1", (*PLAIN_HEAD, "seed=1")),
@@ -157,8 +160,8 @@ RECIPES: tuple[Recipe, ...] = (
            "classified better over five folds but drew a worse map",
            (*PLAIN_HEAD, "batch_size=16", "joint_lambda=0.75")),
     Recipe("nomask-weak-evidence", "the weak mode as configs/real_rsna_bloodnet.yaml runs it (no masks, pseudo-masks, "
-           "the weak term at 0.25 in the joint epochs) with today's head, which reads the pooled map",
-           ("masks=none", "weak_refine=true", "joint_lambda=0.25")),
+           "the weak term at 0.25 in the joint epochs) with stop 38's head, which reads the pooled map",
+           (*ANY_FROM_HEAD, "masks=none", "weak_refine=true", "joint_lambda=0.25")),
     Recipe("fullres", "the default with one more decoder block at the input's size, reading the image",
            (*BEFORE, "seg_full_res=true")),
     Recipe("classifier-96px", "plain timm classifier at the default's size and context, 8 epochs (BloodNet's 3 "

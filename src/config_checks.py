@@ -82,9 +82,6 @@ def check_config(cfg: Any) -> None:
     if cfg.freeze_map_weights and cfg.arch == "bloodnet" and cfg.head_epochs < 1:
         raise InputError("config key freeze_map_weights=true keeps the head's map weights as the head step fit "
                          "them, and head_epochs=0 has no head step: set head_epochs >= 1")
-    if cfg.any_from_map and (cfg.arch != "bloodnet" or cfg.map_evidence_r <= 0):
-        raise InputError("config key any_from_map=true reads `any` from the pooled map: it needs arch=bloodnet and "
-                         f"map_evidence_r > 0 (got arch={cfg.arch}, map_evidence_r={cfg.map_evidence_r:g})")
     if cfg.early_stopping > 0 and cfg.select_epoch != "valid":
         raise InputError(f"config key early_stopping={cfg.early_stopping}: early stopping judges epochs on the "
                          "validation fold, whose rows the OOF then scores; set select_epoch=valid to accept that "

@@ -60,6 +60,10 @@ def test_model_volume_is_probability_sum_times_voxel_and_feeds_the_head():
         # The head reads [embedding, volume feature, pooled map (map_evidence_r > 0)]: logits = the volume alone.
         model.head.weight[:, model.head.in_features - (2 if model.map_evidence_r else 1)] = 1.0
         model.head.bias.zero_()
+        if model.any_head is not None:  # any_from_map: `any` reads [volume feature, pooled map] alone
+            model.any_head.weight.zero_()
+            model.any_head.weight[0, 0] = 1.0
+            model.any_head.bias.zero_()
         voxel = torch.tensor([18.0, 2.0])
         out = model(torch.rand(2, 3, S, S), voxel)
     expected = 0.5 * S * S * voxel  # 9216 and 1024 mm³
@@ -128,11 +132,12 @@ def test_head_phase_changes_only_the_head():
     before = {k: v.clone() for k, v in model.state_dict().items()}
     _head_step(model, cfg, head_only_phase=True)
     after = model.state_dict()
-    head = {"head.weight", "head.bias"}
+    heads = ("head", "any_head") if model.any_head is not None else ("head",)
+    head = {f"{name}.{p}" for name in heads for p in ("weight", "bias")}
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed == head, f"non-head tensors changed: {sorted(changed - head)[:5]}"
     assert any("running_mean" in k for k in before)  # the check above covered BatchNorm statistics
-    assert all(not p.requires_grad for n, p in model.named_parameters() if not n.startswith("head."))
+    assert all(not p.requires_grad for n, p in model.named_parameters() if n.split(".")[0] not in heads)
     # Control: in train mode the frozen encoder's BatchNorm statistics would drift, so the check above can fail.
     torch.manual_seed(0)
     drifting = build_model(cfg)

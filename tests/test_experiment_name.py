@@ -166,24 +166,42 @@ def test_a_checkpoint_from_before_decoder_width_loads_as_the_wide_decoder_it_is(
     assert config_from_dict(state["config"]).volume_feature_grad is False  # a key the record holds keeps its value
 
 
-def test_a_checkpoint_from_before_map_evidence_loads_with_the_head_it_was_trained_with(tmp_path):
-    """Until stop 38 BloodNet's head read the volume alone (513 inputs on resnet10t); today's reads the pooled map
-    too (514). A checkpoint saved before the key existed rebuilds the old head and loads, and predicts the same."""
+@pytest.mark.parametrize(("key", "old_value", "old_head", "new_head"), [
+    # until stop 38 the head read the volume alone (513 inputs on resnet10t); today also the pooled map (514)
+    ("map_evidence_r", "0", lambda m: m.head.weight.shape[1] == 513, lambda m: m.head.weight.shape[1] == 514),
+    # until stop 39 `any` was read by the head beside the embedding; today from the map's features alone
+    ("any_from_map", "false", lambda m: m.any_head is None, lambda m: m.any_head is not None),
+])
+def test_a_checkpoint_from_before_a_head_key_loads_with_the_head_it_was_trained_with(tmp_path, key, old_value,
+                                                                                     old_head, new_head):
+    """A checkpoint saved before the key existed rebuilds the head it trained, loads, and predicts the same."""
     from src.cnn.checkpoints import load_model
     from src.cnn.model import build_model
 
-    assert Config().map_evidence_r != BEFORE_KEY_EXISTED["map_evidence_r"]
+    assert getattr(Config(), key) != BEFORE_KEY_EXISTED[key]
     torch.manual_seed(0)
-    cfg = load_config(None, ["backbone=resnet10t", "context=0", "map_evidence_r=0"])
+    cfg = load_config(None, ["backbone=resnet10t", "context=0", f"{key}={old_value}"])
     old_model = build_model(cfg).eval()
     path = tmp_path / "best.pt"
     save_checkpoint(path, old_model, cfg, epoch=1)
     state = torch.load(path, weights_only=False)
-    del state["config"]["map_evidence_r"]  # saved before the key existed
+    del state["config"][key]  # saved before the key existed
     torch.save(state, path)
     model, loaded = load_model(path)
-    assert loaded.map_evidence_r == 0.0 and model.head.weight.shape[1] == 513
+    assert getattr(loaded, key) == BEFORE_KEY_EXISTED[key] and old_head(model)
     x, voxel = torch.rand(2, 3, 32, 32), torch.full((2,), 2.0)
     with torch.no_grad():
         torch.testing.assert_close(model(x, voxel)["logits"], old_model(x, voxel)["logits"])
-    assert build_model(load_config(None, ["backbone=resnet10t", "context=0"])).head.weight.shape[1] == 514
+    assert new_head(build_model(load_config(None, ["backbone=resnet10t", "context=0"])))
+
+
+def test_a_classifiers_name_ignores_bloodnet_keys_it_never_reads():
+    """A BloodNet default that changes (any_from_map at stop 39) must not rename classifier runs, nor may a
+    BloodNet key set on a classifier give it a second name."""
+
+    plain = load_config(None, ["arch=classifier", "epochs=8"])
+    assert load_config(None, ["arch=classifier", "epochs=8", "seg_epochs=5"]).exp_name == plain.exp_name
+    record = dataclasses.asdict(plain)
+    del record["any_from_map"]  # a classifier record from before the key: reads as False, BloodNet's old default
+    assert training_overrides(record) == {"epochs": 8}
+    assert load_config(None, ["seg_epochs=5"]).exp_name != load_config(None, []).exp_name  # BloodNet reads it

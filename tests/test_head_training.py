@@ -144,7 +144,7 @@ def test_any_from_map_reads_the_maps_features_alone_and_starts_as_the_pool():
     assert {id(p) for p in model.any_head.parameters()} <= {id(p) for p in model.head_parameters()}
 
 
-@pytest.mark.parametrize("sets", [["arch=classifier"], ["map_evidence_r=0"]])
-def test_any_from_map_without_a_pooled_map_is_a_config_error(sets):
-    with pytest.raises(InputError, match="any_from_map"):
-        load_config(None, ["any_from_map=true", *sets])
+@pytest.mark.parametrize("sets", [["arch=multitask"], ["map_evidence_r=0"]])
+def test_any_from_map_is_ignored_where_the_head_reads_no_pooled_map(sets):
+    model = build_model(load_config(None, ["backbone=resnet10t", "context=0", "any_from_map=true", *sets]))
+    assert model.any_head is None
