@@ -84,6 +84,8 @@ RECIPES: tuple[Recipe, ...] = (
            "encoder's channels, the head reading the volume and the map pooled by log-sum-exp (r = 8), `any` read "
            "from the map's features alone"),
     Recipe("default-seed1", "the default again with seed 1: the draw", ("seed=1",)),
+    Recipe("head-step-lr1e-2-any-map", "the default with the head step at lr 1e-2: head-step-lr1e-2 (the best fold-0 "
+           "row of stop 39) on top of `any` from the map", ("head_step_lr=0.01",)),
     Recipe("any-from-head", "the default of stop 38: `any` read from the embedding too, beside the map's features",
            ANY_FROM_HEAD),
     Recipe("any-from-head-seed1", "any-from-head with seed 1", (*ANY_FROM_HEAD, "seed=1")),
