@@ -96,11 +96,12 @@ def test_the_loop_runs_the_head_at_its_multiple_of_the_schedule(noise_slices):
     optimizer = make_optimizer(cfg, model, head_only=False)
     loader = DataLoader(noise_slices, batch_size=8)
     phase = Phase("classify", 2, 0.0)
-    train_one_epoch(model, loader, optimizer, torch.amp.GradScaler("cuda", enabled=False), phase, 0, cfg,
-                    Runtime(0, 1, torch.device("cpu"), None, False), torch.tensor(cfg.class_weights), "t")
+    row = train_one_epoch(model, loader, optimizer, torch.amp.GradScaler("cuda", enabled=False), phase, 0, cfg,
+                          Runtime(0, 1, torch.device("cpu"), None, False), torch.tensor(cfg.class_weights), "t")
     head_ids = {id(p) for p in model.head_parameters()}
     rates = {id(p) in head_ids: g["lr"] for g in optimizer.param_groups for p in g["params"]}
     assert rates[False] > 0 and rates[True] == pytest.approx(10 * rates[False])
+    assert row["lr"] == pytest.approx(rates[False])  # the epoch's logged lr is the schedule's, not the head's
 
 
 def test_default_head_lr_scale_keeps_timms_own_groups():

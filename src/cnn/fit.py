@@ -197,9 +197,7 @@ def train_epochs(core: nn.Module, train_ds, valid_ds, cfg: Config, rt: Runtime, 
         started = time.perf_counter()
         row = {"epoch": epoch + 1, "phase": phase.name,
                **train_one_epoch(model, loader, optimizer, scaler, phase, epoch_in_phase, cfg, rt, weights, desc,
-                                 ema=ema, ema_step=ema_step),
-               # the last step's: the schedule's value at the epoch's end (a head's group may run at a multiple)
-               "lr": optimizer.param_groups[0]["lr"] / optimizer.param_groups[0].get("lr_scale", 1.0)}
+                                 ema=ema, ema_step=ema_step)}
         judged = ema.module if ema is not None else core  # the weights that are validated, kept and deployed
         improved = False
         # The last epoch is the model unless select_epoch=valid (and there is a validation fold to choose on).

@@ -66,6 +66,7 @@ def train_one_epoch(model: nn.Module, loader, optimizer, scaler, phase: Phase, e
     total_steps = steps_per_epoch * phase.epochs
     warmup = int(cfg.warmup_epochs * steps_per_epoch) if not phase.head_only else 0
     base_lr = cfg.head_step_lr if phase.head_only and cfg.head_step_lr > 0 else cfg.lr
+    lr = base_lr
     model.train()
     if phase.head_only:
         model.eval()  # frozen encoder: keep BatchNorm statistics fixed too
@@ -103,7 +104,8 @@ def train_one_epoch(model: nn.Module, loader, optimizer, scaler, phase: Phase, e
         loss_sum += loss.detach().float() * len(x)
     bar.close()
     mean_loss = loss_sum.item() / max(seen, 1)  # the one sync of the epoch that is not a log line
-    return {"train_loss": mean_loss, "train_images_per_s": seen * rt.world / max(time.time() - t0, 1e-9)}
+    # lr: the last step's, the schedule's value at the epoch's end (a head's group may run at a multiple of it)
+    return {"train_loss": mean_loss, "train_images_per_s": seen * rt.world / max(time.time() - t0, 1e-9), "lr": lr}
 
 
 def validate(model: nn.Module, loader, valid_ds, rt: Runtime, desc: str) -> dict:
