@@ -223,8 +223,8 @@ def training_overrides(values: dict[str, Any]) -> dict[str, Any]:
     """{dotted key: value} of a config (asdict or a saved run record; a key it lacks read by as_trained) where it
     differs from today's defaults and changes training."""
     defaults = dataclasses.asdict(Config())
-    # a classifier never reads BloodNet's keys: a change to their defaults must not rename classifier runs
-    unread = SEGMENTATION_ONLY_KEYS if values.get("arch", defaults["arch"]) == "classifier" else frozenset()
+    # a key the arch never reads must not rename its runs (a BloodNet default change, a classifier's `epochs`)
+    unread = unused_keys(values.get("arch", defaults["arch"]))
     return changed_keys(as_trained(values, defaults, BEFORE_KEY_EXISTED), defaults,
                         skip=NON_TRAINING_KEYS | set(NAME_KEYS) | unread)
 
