@@ -164,6 +164,13 @@ RECIPES: tuple[Recipe, ...] = (
     Recipe("nomask-weak-evidence", "the weak mode as configs/real_rsna_bloodnet.yaml runs it (no masks, pseudo-masks, "
            "the weak term at 0.25 in the joint epochs) with stop 38's head, which reads the pooled map",
            (*ANY_FROM_HEAD, "masks=none", "weak_refine=true", "joint_lambda=0.25")),
+    Recipe("nomask-weak-evidence-seed1", "nomask-weak-evidence with seed 1",
+           (*ANY_FROM_HEAD, "masks=none", "weak_refine=true", "joint_lambda=0.25", "seed=1")),
+    Recipe("nomask-weak-any-map", "nomask-weak-evidence with `any` from the map's features alone (the default since "
+           "stop 39, measured with masks only): the weak map is trained as an `any` detector",
+           ("masks=none", "weak_refine=true", "joint_lambda=0.25")),
+    Recipe("nomask-weak-any-map-seed1", "nomask-weak-any-map with seed 1",
+           ("masks=none", "weak_refine=true", "joint_lambda=0.25", "seed=1")),
     Recipe("fullres", "the default with one more decoder block at the input's size, reading the image",
            (*BEFORE, "seg_full_res=true")),
     Recipe("classifier-96px", "plain timm classifier at the default's size and context, 8 epochs (BloodNet's 3 "
