@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 
 from src.atomic import write_csv, write_text
-from src.config import NAME_KEYS, training_overrides, unused_keys
+from src.config import NAME_KEYS, training_overrides
 from src.errors import InputError, run_cli
 from src.markdown import markdown_table
 from src.naming import describe
@@ -97,10 +97,8 @@ def experiment_row(pred_dir: Path) -> dict | None:
     row["train_min"] = train_minutes(pred_dir, folds)
     row.update({key: config.get(key, "") for key in NAME_KEYS})
     row["other_settings"] = "(no run record)"
-    if config:  # keys the arch never reads left out: a classifier's record keeps BloodNet defaults of its day
-        unread = unused_keys(config.get("arch", ""))
-        row["other_settings"] = describe({k: v for k, v in training_overrides(config).items()
-                                          if k.split(".")[0] not in unread})
+    if config:  # training_overrides leaves out the keys the arch never reads, as the experiment name does
+        row["other_settings"] = describe(training_overrides(config))
     return row
 
 
